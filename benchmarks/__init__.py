@@ -1,0 +1,1 @@
+"""Micro-benchmarks, each runnable as ``python -m benchmarks.<name>``."""
