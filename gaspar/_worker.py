@@ -1,0 +1,143 @@
+"""The request loop that runs in each worker process after the fork."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+
+import zmq
+
+from gaspar import _messages
+from gaspar.consumers import Consumer, reply_to_buffer
+
+log = logging.getLogger(__name__)
+
+# Exit codes that tell the producer why a worker stopped.
+EXIT_OK = 0
+EXIT_ERROR = 1
+# The setup hook raised: the worker never became ready.
+EXIT_BOOT_ERROR = 3
+
+_PR_SET_PDEATHSIG = 1
+
+# How long a stopping worker keeps trying to deliver its last replies, in ms.
+_REPLY_LINGER_MS = 2000
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits.
+
+    The parent of a worker is the single-threaded fork server, so the signal
+    cannot fire early because some other thread of the parent ended.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        # NOTE: without prctl (not Linux) a worker outlives a killed fork
+        # server until its next request fails to send.
+        return
+    if os.getppid() != parent:
+        # The parent died before prctl took effect.
+        os._exit(EXIT_ERROR)
+
+
+class WorkerLoop:
+    """Receive requests, run the consumer, send replies, until told to stop.
+
+    SIGTERM stops an idle worker at once and a busy one after its current
+    request, so a request it has started is not lost. SIGINT is ignored:
+    Ctrl-C in a terminal reaches the whole process group, and the producer
+    decides when workers stop.
+    """
+
+    def __init__(self, consumer: Consumer, worker_id: int, request_endpoint: str, reply_endpoint: str) -> None:
+        self.consumer = consumer
+        self.worker_id = worker_id
+        self.request_endpoint = request_endpoint
+        self.reply_endpoint = reply_endpoint
+
+    def run(self) -> int:
+        """Serve until SIGTERM; return the process exit code."""
+        die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        # The kernel may deliver SIGTERM to any thread that does not block it,
+        # pyzmq's garbage-collector thread included, and then no blocking call
+        # of the main thread is interrupted. The wake-up fd is written whichever
+        # thread takes the signal, and the loop polls it beside the requests.
+        wake_read, wake_write = socket.socketpair()
+        wake_read.setblocking(False)
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+
+        # A libzmq context does not survive fork(), so each worker makes its own.
+        context = zmq.Context(io_threads=1)
+        requests = context.socket(zmq.PULL)
+        replies = context.socket(zmq.PUSH)
+        try:
+            requests.bind(self.request_endpoint)
+            replies.connect(self.reply_endpoint)
+            try:
+                self.consumer.setup()
+            except Exception:
+                log.exception("worker %d (pid %d): setup() of %r failed", self.worker_id, os.getpid(), self.consumer)
+                return EXIT_BOOT_ERROR
+
+            _messages.send_message(replies, _messages.READY, self.worker_id, _messages.PID.pack(os.getpid()))
+            log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
+            self._serve(requests, replies, wake_read)
+            return EXIT_OK
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            requests.close(linger=0)
+            replies.close(linger=_REPLY_LINGER_MS)
+            context.term()
+            wake_read.close()
+            wake_write.close()
+
+    def _serve(self, requests, replies, wake_read: socket.socket) -> None:
+        poller = zmq.Poller()
+        poller.register(requests, zmq.POLLIN)
+        wake_fd = wake_read.fileno()
+        poller.register(wake_fd, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if wake_fd in ready and _received_sigterm(wake_read):
+                return
+            if requests not in ready:
+                continue
+
+            # A SIGTERM that arrives now waits in the wake-up fd until the
+            # reply is sent: a started request is always finished.
+            kind, request_id, payload = _messages.receive_message(requests)
+            if kind != _messages.REQUEST:
+                log.error("worker %d: ignoring message of unknown kind %d", self.worker_id, kind)
+                continue
+            kind, reply = self._run_handler(request_id, payload.tobytes())
+            _messages.send_message(replies, kind, request_id, reply)
+
+    def _run_handler(self, request_id: int, message: bytes):
+        try:
+            return _messages.REPLY, reply_to_buffer(self.consumer.handle(message))
+        except Exception:
+            log.exception(
+                "worker %d (pid %d): handler failed on request %d",
+                self.worker_id,
+                os.getpid(),
+                request_id,
+            )
+            return _messages.FAILED, b""
+
+
+def _received_sigterm(wake_read: socket.socket) -> bool:
+    try:
+        signal_numbers = wake_read.recv(64)
+    except BlockingIOError:
+        return False
+    return signal.SIGTERM in signal_numbers

@@ -1,0 +1,204 @@
+"""The ``gaspar`` command: serve a handler, or send one request.
+
+    gaspar serve MODULE:ATTR [--host H] [--port P] [--workers N] [limits...]
+    gaspar request HOST:PORT [MESSAGE | -]
+
+Every ``serve`` option can also be set with a GASPAR_* environment variable
+(``--max-request-size`` reads GASPAR_MAX_REQUEST_SIZE); the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from gaspar import __version__, client
+from gaspar._constants import DEFAULT_MAX_REQUEST_SIZE
+from gaspar.consumers import Consumer
+from gaspar.errors import GasparError, RequestFailed, StartupError
+
+log = logging.getLogger("gaspar.cli")
+
+LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+def load_consumer(target: str) -> Consumer:
+    """Import MODULE:ATTR and return it as a Consumer.
+
+    ATTR may name a Consumer instance, a Consumer subclass (instantiated with
+    no arguments) or a handler function. Raises ValueError with the reason.
+    """
+    module_name, separator, attribute = target.partition(":")
+    if not separator or not module_name or not attribute:
+        raise ValueError(f"invalid handler {target!r}: expected MODULE:ATTR, as gaspar.examples:echo")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r}: {exc}") from exc
+
+    value = module
+    for part in attribute.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise ValueError(f"module {module_name!r} has no attribute {attribute!r}") from None
+
+    if isinstance(value, type) and issubclass(value, Consumer):
+        return value()
+    if isinstance(value, Consumer):
+        return value
+    if callable(value):
+        return Consumer(handler=value)
+    raise ValueError(f"{target} is a {type(value).__name__}; expected a function, a Consumer or a Consumer subclass")
+
+
+def _env(name: str, default: str) -> str:
+    # argparse converts a string default with the option's type, so a bad
+    # environment value gets the same error message as a bad option.
+    return os.environ.get(f"GASPAR_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``gaspar`` command."""
+    parser = argparse.ArgumentParser(
+        prog="gaspar",
+        description="Spread CPU-bound Python work over every core behind a tiny TCP daemon.",
+    )
+    parser.add_argument("--version", action="version", version=f"gaspar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a handler on TCP",
+        description="Serve MODULE:ATTR (a function or a gaspar.Consumer) on TCP with N worker processes.",
+    )
+    serve.add_argument("target", metavar="MODULE:ATTR", help="the handler to serve, as gaspar.examples:echo")
+    serve.add_argument(
+        "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=_env("PORT", "10123"), help="TCP port; 0 picks a free one (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=_env("WORKERS", str(os.cpu_count() or 1)),
+        help="number of worker processes (default: the number of CPUs, %(default)s)",
+    )
+    serve.add_argument(
+        "--max-request-size",
+        type=int,
+        default=_env("MAX_REQUEST_SIZE", str(DEFAULT_MAX_REQUEST_SIZE)),
+        metavar="BYTES",
+        help="largest request payload in bytes; larger requests are reset (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=float,
+        default=_env("READ_TIMEOUT", "30"),
+        metavar="SECONDS",
+        help="seconds a client has to send its whole request (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=_env("GRACEFUL_TIMEOUT", "30"),
+        metavar="SECONDS",
+        help="seconds to let requests in flight finish after SIGTERM or SIGINT (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=_env("STARTUP_TIMEOUT", "60"),
+        metavar="SECONDS",
+        help="seconds to wait for every worker to be ready (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="lowest level of log messages to print (default: %(default)s)",
+    )
+
+    send = commands.add_parser(
+        "request",
+        help="send one request and print the reply",
+        description="Send one request and write the raw reply bytes to standard output.",
+    )
+    send.add_argument("address", metavar="HOST:PORT", help="the daemon's address; [::1]:PORT for IPv6")
+    send.add_argument(
+        "message",
+        nargs="?",
+        default="-",
+        metavar="MESSAGE",
+        help="the request, sent as UTF-8; '-' or nothing reads raw bytes from standard input",
+    )
+    send.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="limit on the whole request")
+    return parser
+
+
+def serve(arguments: argparse.Namespace) -> int:
+    """Run the daemon until SIGINT or SIGTERM; return the exit status."""
+    from gaspar.producers import Producer
+
+    logging.basicConfig(level=arguments.log_level.upper(), format=LOG_FORMAT)
+    try:
+        consumer = load_consumer(arguments.target)
+        producer = Producer(
+            consumer,
+            arguments.port,
+            processes=arguments.workers,
+            host=arguments.host,
+            max_request_size=arguments.max_request_size,
+            read_timeout=arguments.read_timeout,
+            graceful_timeout=arguments.graceful_timeout,
+            startup_timeout=arguments.startup_timeout,
+        )
+    except (TypeError, ValueError) as exc:
+        print(f"gaspar serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        producer.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    except GasparError as exc:
+        log.error("stopped with an error: %s", exc)
+        return 1
+    return 0
+
+
+def send_request(arguments: argparse.Namespace) -> int:
+    """Send one request; write the reply to stdout and return the exit status."""
+    if arguments.message == "-":
+        message = sys.stdin.buffer.read()
+    else:
+        message = arguments.message.encode("utf-8")
+    try:
+        reply = client.request(arguments.address, message, timeout=arguments.timeout)
+    except RequestFailed as exc:
+        print(f"gaspar request: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"gaspar request: {arguments.address}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        sys.stdout.buffer.write(reply)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # The reader went away (as with `| head`); that is not our failure.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; return the exit status."""
+    arguments = build_parser().parse_args(argv)
+    if arguments.command == "serve":
+        return serve(arguments)
+    return send_request(arguments)

@@ -1,0 +1,72 @@
+"""A blocking client for the gaspar protocol.
+
+It uses only the standard socket module, so it also works under gevent or
+eventlet monkey-patching.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Optional, Tuple
+
+from gaspar.errors import RequestFailed
+from gaspar.framing import pack
+
+__all__ = ["pack", "parse_address", "request"]
+
+_RECV_SIZE = 256 * 1024
+
+
+def parse_address(address: str) -> Tuple[str, int]:
+    """Split "host:port" or "[IPv6 host]:port" into (host, port).
+
+    Raises ValueError naming the address when it has no valid port.
+    """
+    host, separator, port_text = address.rpartition(":")
+    if not separator or not host or not port_text.isdigit():
+        raise ValueError(f"invalid address {address!r}: expected host:port or [IPv6]:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"invalid address {address!r}: put an IPv6 host in brackets, as [::1]:port")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid port {port} in address {address!r}: expected 1 to 65535")
+    return host, port
+
+
+def request(address: str, message, timeout: Optional[float] = None) -> bytes:
+    """Send one request to a gaspar daemon and return its reply.
+
+    ``message`` is bytes-like; encode a str first. ``timeout`` bounds the
+    whole request, connect included, in seconds (None: no limit).
+
+    Raises RequestFailed when the server resets the connection, which is
+    how it reports a failed request; TimeoutError when ``timeout`` passes;
+    and OSError (for example ConnectionRefusedError) when it cannot connect.
+    """
+    host, port = parse_address(address)
+    frame = pack(message)
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.sendall(frame)
+        chunks = []
+        while True:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"request to {address} timed out after {timeout} s")
+                sock.settimeout(remaining)
+            chunk = sock.recv(_RECV_SIZE)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except socket.timeout as exc:
+        raise TimeoutError(f"request to {address} timed out after {timeout} s") from exc
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise RequestFailed(address) from exc
+    finally:
+        sock.close()

@@ -1,0 +1,241 @@
+"""Forking, tracking and stopping worker processes (the Forker).
+
+Workers are forked by the fork server (see gaspar._forkserver), so they are
+its children, not the producer's. The producer learns of each worker's
+birth and death over the fork server's control socket, and watches each
+worker's sentinel, which reads EOF the moment the worker exits.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from gaspar import _forkserver
+
+log = logging.getLogger(__name__)
+
+
+def describe_wait_status(status: int) -> str:
+    """Return how a process ended, from an os.waitpid() status."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        return f"was killed by signal {name}"
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
+def _receive_record(sock: socket.socket) -> Tuple[bytes, List[int]]:
+    """Receive one control record and the descriptors sent with it, without blocking."""
+    # socket.recv_fds() drops its flags argument (CPython 3.11), so it would block.
+    fd_size = array.array("i").itemsize
+    record, ancillary, _, _ = sock.recvmsg(
+        _forkserver.RECORD.size, socket.CMSG_SPACE(fd_size), socket.MSG_DONTWAIT
+    )
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fd_size])
+    return record, list(fds)
+
+
+class WorkerProcess:
+    """The producer's record of one worker process.
+
+    ``worker_id`` is unique for the producer's lifetime, and a replacement gets
+    a new one. ``in_flight`` holds the ids of the requests the worker holds.
+    """
+
+    __slots__ = ("worker_id", "pid", "sentinel", "ready", "in_flight", "served", "push", "exit_status")
+
+    def __init__(self, worker_id: int, pid: int, sentinel: int) -> None:
+        self.worker_id = worker_id
+        self.pid = pid
+        self.sentinel = sentinel
+        self.ready = False
+        self.in_flight: set[int] = set()
+        self.served = 0
+        self.push = None
+        self.exit_status: Optional[int] = None
+
+    def close_sentinel(self) -> None:
+        """Close the sentinel once it has read EOF or is no longer watched."""
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
+
+    def is_alive(self) -> bool:
+        """Return whether the process is still running."""
+        if self.sentinel < 0:
+            return False
+        poller = select.poll()
+        poller.register(self.sentinel, select.POLLIN)
+        return not poller.poll(0)
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess id={self.worker_id} pid={self.pid} in_flight={len(self.in_flight)}>"
+
+
+# Events that Forker.receive_events() returns.
+SPAWNED = "spawned"
+EXITED = "exited"
+FORK_FAILED = "fork_failed"
+
+Event = Tuple[str, object, int]
+
+
+class Forker:
+    """Starts workers through the fork server and tracks them.
+
+    ``run_worker(worker_id)`` runs in each new worker process and returns its
+    exit code. ``kill_timeout`` is how long, in seconds, workers get to exit
+    after SIGTERM when the Forker closes, before SIGKILL.
+    """
+
+    def __init__(self, run_worker: Callable[[int], int], kill_timeout: float = 10.0) -> None:
+        self._run_worker = run_worker
+        self.kill_timeout = kill_timeout
+        self._server_pid: Optional[int] = None
+        self._control: Optional[socket.socket] = None
+        self._next_worker_id = 1
+        # Every forked worker not reaped yet, by worker id.
+        self.workers: Dict[int, WorkerProcess] = {}
+
+    @property
+    def processes(self) -> List[WorkerProcess]:
+        """The workers that are running now."""
+        return [worker for worker in self.workers.values() if worker.is_alive()]
+
+    def start(self) -> None:
+        """Fork the fork server. Call it before the process starts any thread."""
+        self._server_pid, self._control = _forkserver.start_fork_server(self._run_worker, self.kill_timeout)
+        log.debug("fork server started (pid %d)", self._server_pid)
+
+    def fileno(self) -> int:
+        """The control socket, readable when receive_events() has news."""
+        if self._control is None:
+            raise RuntimeError("Forker is not started")
+        return self._control.fileno()
+
+    def spawn(self) -> int:
+        """Ask for one more worker; return its id. SPAWNED or FORK_FAILED follows."""
+        worker_id = self._next_worker_id
+        self._next_worker_id += 1
+        self._send(_forkserver.SPAWN, worker_id, 0)
+        return worker_id
+
+    def kill(self, worker: WorkerProcess, signum: int = signal.SIGKILL) -> None:
+        """Send a signal to a worker, through the fork server that reaps it.
+
+        Going through the fork server means the pid cannot have been reused
+        by an unrelated process.
+        """
+        self._send(_forkserver.KILL, worker.pid, signum)
+
+    def receive_events(self) -> Optional[List[Event]]:
+        """Read what the fork server reported; return None if it is gone.
+
+        Each event is (SPAWNED, worker, 0), (EXITED, worker, wait status) or
+        (FORK_FAILED, worker id, errno). An EXITED worker has left ``workers``,
+        but its sentinel stays open for the caller to close.
+        """
+        events: List[Event] = []
+        while True:
+            try:
+                record, fds = _receive_record(self._control)
+            except BlockingIOError:
+                return events
+            except ConnectionResetError:
+                return None
+            if not record:
+                return None if not events else events
+            event = self._decode(record, fds)
+            if event is not None:
+                events.append(event)
+
+    def _decode(self, record: bytes, fds: List[int]) -> Optional[Event]:
+        kind, first, second = _forkserver.RECORD.unpack(record)
+        if kind == _forkserver.SPAWNED:
+            worker = WorkerProcess(first, second, fds[0])
+            self.workers[worker.worker_id] = worker
+            return SPAWNED, worker, 0
+        for fd in fds:
+            os.close(fd)
+        if kind == _forkserver.EXITED:
+            worker = next((w for w in self.workers.values() if w.pid == first), None)
+            if worker is None:
+                log.debug("fork server reaped unknown child %d: %s", first, describe_wait_status(second))
+                return None
+            del self.workers[worker.worker_id]
+            worker.exit_status = second
+            return EXITED, worker, second
+        return FORK_FAILED, first, second
+
+    def close(self) -> List[Event]:
+        """Stop every worker and the fork server; return the last events.
+
+        Workers get SIGTERM and, after the kill timeout, SIGKILL. Returns once
+        the fork server has reaped every worker and has been reaped itself.
+        """
+        if self._control is None:
+            return []
+        events: List[Event] = []
+        try:
+            self._control.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+        deadline = time.monotonic() + self.kill_timeout + 5.0
+        poller = select.poll()
+        poller.register(self._control, select.POLLIN)
+        while time.monotonic() < deadline:
+            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                break
+            received = self.receive_events()
+            if received is None:
+                break
+            events.extend(received)
+        self._control.close()
+        self._control = None
+        self._reap_server(deadline)
+
+        for worker in self.workers.values():
+            worker.close_sentinel()
+        for _, worker, _ in events:
+            if isinstance(worker, WorkerProcess):
+                worker.close_sentinel()
+        self.workers.clear()
+        return events
+
+    def _reap_server(self, deadline: float) -> None:
+        pid = self._server_pid
+        self._server_pid = None
+        if pid is None:
+            return
+        while True:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+            if time.monotonic() >= deadline:
+                log.error("fork server (pid %d) did not exit in time; killing it", pid)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            # The server closed its socket on the way out; exit is imminent.
+            time.sleep(0.01)
+
+    def _send(self, command: bytes, first: int, second: int) -> None:
+        if self._control is None:
+            raise RuntimeError("Forker is not started")
+        self._control.send(_forkserver.RECORD.pack(command, first, second))
