@@ -25,3 +25,102 @@ def framing(request):
             "`pip install .` or `python setup.py build_ext --inplace`, or set "
             "GASPAR_NO_EXTENSIONS=1 to test only the pure-Python implementation."
         )
+
+
+# -- Daemon fixtures ---------------------------------------------------------
+
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import gaspar  # noqa: E402
+
+
+def descendant_pids(root_pid: int) -> list:
+    """Return the pids of every living descendant of root_pid, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                stat = stat_file.read()
+        except OSError:
+            continue
+        # The command name in parentheses may contain spaces; fields after it do not.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        state, parent = fields[0], int(fields[1])
+        if state != b"Z":
+            children.setdefault(parent, []).append(int(entry))
+
+    found = []
+    pending = [root_pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def wait_for(condition, timeout: float, message: str, interval: float = 0.01):
+    """Poll condition() until it returns a true value; fail with message after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s: {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes():
+    """Fail a test that leaves a forked process behind, after killing it."""
+    yield
+    # A stopped producer has reaped everything; give subprocesses a moment to be reaped.
+    deadline = time.monotonic() + 5
+    leaked = descendant_pids(os.getpid())
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leaked = descendant_pids(os.getpid())
+    for pid in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leaked:
+        pytest.fail(f"test left processes running: {leaked}")
+
+
+@pytest.fixture
+def start_producer():
+    """Return a function that starts a Producer on a free port, stopped after the test.
+
+    Takes the Producer's arguments after the consumer; processes defaults to 2.
+    """
+    producers = []
+
+    def start(consumer, **options):
+        options.setdefault("processes", 2)
+        options.setdefault("startup_timeout", 30.0)
+        producer = gaspar.Producer(consumer, 0, **options)
+        producers.append(producer)
+        producer.start(blocking=False)
+        return producer
+
+    yield start
+    for producer in producers:
+        producer.stop(timeout=30)
+
+
+def subprocess_env(**overrides) -> dict:
+    """Return an environment in which a child Python imports the gaspar under test.
+
+    The tests may run against an installed package or an in-place build; the
+    child gets the same one through PYTHONPATH.
+    """
+    package_parent = os.path.dirname(os.path.dirname(gaspar.__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env.update(overrides)
+    return env
