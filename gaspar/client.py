@@ -24,12 +24,15 @@ def parse_address(address: str) -> Tuple[str, int]:
     Raises ValueError naming the address when it has no valid port.
     """
     host, separator, port_text = address.rpartition(":")
-    if not separator or not host or not port_text.isdigit():
+    # str.isdigit() also accepts digits such as "²" or "٨", which int() rejects or reads as a number.
+    if not separator or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"invalid address {address!r}: expected host:port or [IPv6]:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
         raise ValueError(f"invalid address {address!r}: put an IPv6 host in brackets, as [::1]:port")
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"invalid host in address {address!r}: expected host:port or [IPv6]:port")
     port = int(port_text)
     if not 0 < port < 65536:
         raise ValueError(f"invalid port {port} in address {address!r}: expected 1 to 65535")
