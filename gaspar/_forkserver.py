@@ -11,15 +11,17 @@ which keeps record boundaries and carries file descriptors::
 
     producer -> server   SPAWN  worker id
     producer -> server   KILL   pid, signal number
+    producer -> server   QUIT   (stop every worker gracefully, then exit)
     server -> producer   SPAWNED  worker id, pid   + the worker's sentinel fd
     server -> producer   EXITED   pid, wait status
     server -> producer   FORK_FAILED  worker id, errno
 
 The sentinel is the read end of a pipe whose write end only the worker
 holds: it reads EOF as soon as the worker exits, however it exits.
-When the producer closes its end of the socket, the server sends SIGTERM to
-every worker, waits for them, sends SIGKILL to any left after the kill
-timeout, reaps them all and exits.
+On QUIT the server sends SIGTERM to every worker, waits for them, sends
+SIGKILL to any left after the kill timeout, reaps them all and exits. EOF
+on the socket without QUIT means the producer died: the server kills every
+worker with SIGKILL at once, so no orphan keeps running.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import struct
 import sys
 import time
 import traceback
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ RECORD = struct.Struct("!cqq")
 
 SPAWN = b"S"
 KILL = b"K"
+QUIT = b"Q"
 SPAWNED = b"W"
 EXITED = b"X"
 FORK_FAILED = b"F"
@@ -110,20 +113,25 @@ class ForkServer:
             dying = len(self.children) > len(self.selector.get_map()) - 1
             for key, _ in self.selector.select(_DYING_POLL if dying else _REAP_INTERVAL):
                 if key.fileobj is self.control:
-                    if not self._handle_command():
-                        self._stop_children()
+                    command = self._handle_command()
+                    if command == QUIT:
+                        self._stop_children(self.kill_timeout)
+                        return 0
+                    if command is None:
+                        self._stop_children(0.0)
                         return 0
                 else:
                     self.selector.unregister(key.fileobj)
             self._reap()
 
-    def _handle_command(self) -> bool:
+    def _handle_command(self) -> Optional[bytes]:
+        """Carry out one command; return it, or None at EOF."""
         try:
             record = self.control.recv(RECORD.size)
         except ConnectionResetError:
             record = b""
         if not record:
-            return False
+            return None
 
         command, first, second = RECORD.unpack(record)
         if command == SPAWN:
@@ -131,9 +139,9 @@ class ForkServer:
         elif command == KILL:
             if first in self.children:
                 os.kill(first, second)
-        else:
+        elif command != QUIT:
             log.error("fork server: ignoring unknown command %r", command)
-        return True
+        return command
 
     def _spawn(self, worker_id: int) -> None:
         sentinel_read, sentinel_write = os.pipe()
@@ -199,13 +207,14 @@ class ForkServer:
             # The producer is gone; the server stops on its next read.
             pass
 
-    def _stop_children(self) -> None:
-        # The control socket is at EOF and would keep the selector awake.
+    def _stop_children(self, kill_timeout: float) -> None:
+        """Send SIGTERM, wait up to kill_timeout seconds, SIGKILL the rest; reap all."""
+        # The control socket may be at EOF, which would keep the selector awake.
         self.selector.unregister(self.control)
         for pid in self.children:
-            _signal_quietly(pid, signal.SIGTERM)
+            _signal_quietly(pid, signal.SIGTERM if kill_timeout > 0 else signal.SIGKILL)
 
-        deadline = time.monotonic() + self.kill_timeout
+        deadline = time.monotonic() + kill_timeout
         while self.children and time.monotonic() < deadline:
             timeout = min(_REAP_INTERVAL, max(0.0, deadline - time.monotonic()))
             for key, _ in self.selector.select(timeout):

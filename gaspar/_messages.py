@@ -11,6 +11,9 @@ the kind byte then carries the MORE_FLAG bit.
     worker -> producer   READY    worker id    body: the worker's pid (!Q)
     worker -> producer   REPLY    request id   body: the handler's reply
     worker -> producer   FAILED   request id   body: empty (the handler raised)
+
+A worker sets RECYCLE_FLAG in the kind of a REPLY or FAILED to ask to be
+replaced, because it went over its memory limit.
 """
 
 import struct
@@ -27,6 +30,7 @@ REPLY = 3
 FAILED = 4
 
 MORE_FLAG = 0x80
+RECYCLE_FLAG = 0x40
 KIND_MASK = 0x7F
 
 # Bodies at or above this size go in a second frame, sent without a copy.

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+from typing import Optional
 
 import zmq
 
@@ -22,6 +23,7 @@ EXIT_ERROR = 1
 EXIT_BOOT_ERROR = 3
 
 _PR_SET_PDEATHSIG = 1
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # How long a stopping worker keeps trying to deliver its last replies, in ms.
 _REPLY_LINGER_MS = 2000
@@ -55,11 +57,20 @@ class WorkerLoop:
     decides when workers stop.
     """
 
-    def __init__(self, consumer: Consumer, worker_id: int, request_endpoint: str, reply_endpoint: str) -> None:
+    def __init__(
+        self,
+        consumer: Consumer,
+        worker_id: int,
+        request_endpoint: str,
+        reply_endpoint: str,
+        max_memory: Optional[int] = None,
+    ) -> None:
         self.consumer = consumer
         self.worker_id = worker_id
         self.request_endpoint = request_endpoint
         self.reply_endpoint = reply_endpoint
+        # Resident set size in bytes above which the worker asks to be replaced.
+        self.max_memory = max_memory
 
     def run(self) -> int:
         """Serve until SIGTERM; return the process exit code."""
@@ -120,6 +131,8 @@ class WorkerLoop:
                 log.error("worker %d: ignoring message of unknown kind %d", self.worker_id, kind)
                 continue
             kind, reply = self._run_handler(request_id, payload.tobytes())
+            if self.max_memory is not None and resident_memory() > self.max_memory:
+                kind |= _messages.RECYCLE_FLAG
             _messages.send_message(replies, kind, request_id, reply)
 
     def _run_handler(self, request_id: int, message: bytes):
@@ -133,6 +146,13 @@ class WorkerLoop:
                 request_id,
             )
             return _messages.FAILED, b""
+
+
+def resident_memory() -> int:
+    """Return this process's resident set size in bytes, from /proc/self/statm."""
+    with open("/proc/self/statm", "rb") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * _PAGE_SIZE
 
 
 def _received_sigterm(wake_read: socket.socket) -> bool:

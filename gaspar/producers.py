@@ -1,16 +1,10 @@
-"""Producer: the TCP front end and the loop that dispatches requests to workers.
+"""Producer: the TCP front end, and the loop that hands requests to workers.
 
 One thread runs one ``selectors`` loop over the listening socket, every
 client connection, the 0MQ socket that carries replies, the fork server's
-control socket and each worker's sentinel. A connection moves through four
-states::
-
-    READING ──frame complete──> QUEUED ──a worker is free──> DISPATCHED
-                                  └──────a worker is free─────────┘
-    DISPATCHED ──reply arrives──> WRITING ──reply sent──> closed (FIN)
-
-Any failure on the way (a frame over the size limit, a read timeout, a
-handler error, a worker's death, a stop) ends the connection with a reset.
+control socket and each worker's sentinel. gaspar._connection holds the
+socket I/O of a connection, gaspar._dispatch the record of which worker
+holds which request, and gaspar.workers the worker processes.
 """
 
 from __future__ import annotations
@@ -22,76 +16,55 @@ import heapq
 import itertools
 import logging
 import os
+import random
 import selectors
 import shutil
 import signal
 import socket
-import struct
 import tempfile
 import threading
 import time
-from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import zmq
 
 from gaspar import _messages
-from gaspar._constants import DEFAULT_MAX_REQUEST_SIZE, HEADER_SIZE, MAX_FRAME_SIZE
+from gaspar._connection import DISPATCHED, QUEUED, READING, WRITING, ClientClosed, Connection
+from gaspar._dispatch import Dispatcher
+from gaspar._options import resolve_options
+from gaspar._rejections import RejectionLog
 from gaspar._worker import WorkerLoop
 from gaspar.consumers import Consumer, Handler, as_consumer
 from gaspar.errors import FrameTooLarge, GasparError, StartupError
-from gaspar.framing import FrameParser, unpack_header
 from gaspar.workers import EXITED, FORK_FAILED, SPAWNED, Forker, WorkerProcess, describe_wait_status
 
 log = logging.getLogger(__name__)
 
-# The first recv of a connection reads up to this many bytes. A larger size
-# makes the allocator map and unmap memory on every request.
-FIRST_READ_SIZE = 64 * 1024
 # Connections accepted per wake-up of the listening socket.
 ACCEPT_BATCH = 128
-# Reads of one connection per wake-up, so one fast sender cannot starve others.
-READ_BATCH = 16
 # 0MQ messages handled per wake-up before other sockets get a turn.
 REPLY_BATCH = 256
-# Bytes of unread input drained before a clean close: closing a socket with
-# unread input makes Linux send a reset instead of a FIN.
-DRAIN_BEFORE_CLOSE = 4 * 64 * 1024
 # How long accepting pauses after the process runs out of file descriptors.
 ACCEPT_PAUSE = 0.5
-# Consecutive workers that may die before becoming ready, after startup,
-# before the producer gives up, and the delay before each retry.
+# Workers that may fail to become ready in a row, after startup, before the
+# producer gives up; the retry delay doubles from BOOT_RETRY_DELAY seconds.
 MAX_BOOT_FAILURES = 5
 BOOT_RETRY_DELAY = 0.5
-
-# SO_LINGER on with a zero timeout: close() sends a reset and drops unsent data.
-LINGER_RESET = struct.pack("ii", 1, 0)
+# Longest sleep of the loop, so periodic work (log summaries) still runs.
+MAX_POLL_TIMEOUT = 1.0
 
 _LOOP_THREAD_NAME = "gaspar-producer"
+_ACCEPT_ERRNOS_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-READING = 1
-QUEUED = 2
-DISPATCHED = 3
-WRITING = 4
-CLOSED = 5
-
-
-class _Connection:
-    """One client connection and the single request it carries."""
-
-    __slots__ = ("sock", "peer", "parser", "state", "request_id", "payload", "worker", "reply", "deadline", "events")
-
-    def __init__(self, sock: socket.socket, peer) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.parser: Optional[FrameParser] = None
-        self.state = READING
-        self.request_id = 0
-        self.payload = None
-        self.worker: Optional[WorkerProcess] = None
-        self.reply: Optional[memoryview] = None
-        self.deadline = 0.0
-        # The selector events this connection is registered for; 0 when none.
-        self.events = 0
+# Causes of failed requests, as logged and counted.
+TOO_LARGE = "request too large"
+READ_TIMEOUT = "read timeout"
+HANDLER_ERROR = "handler raised"
+WORKER_DIED = "worker died"
+TIMEOUT = "handler timeout"
+CLIENT_LEFT = "client left"
+STOPPING = "server stopping"
+SEND_FAILED = "send to worker failed"
 
 
 def format_address(host: str, port: int) -> str:
@@ -102,17 +75,12 @@ def format_address(host: str, port: int) -> str:
 class Producer:
     """A TCP daemon that hands each request to one of N worker processes.
 
-    ``consumer`` is a Consumer or a plain handler function. ``processes``
-    defaults to os.cpu_count(). Limits, all optional:
-
-    - ``max_request_size``: largest request payload in bytes; a larger length
-      prefix resets the connection before the body is read.
-    - ``read_timeout``: seconds a client has to deliver its whole request.
-    - ``graceful_timeout``: seconds stop() waits for requests in flight.
-    - ``startup_timeout``: seconds start() waits for every worker to be ready.
-    - ``prefetch``: requests one worker may hold at once. With 1, a request
-      goes only to an idle worker and never waits behind another.
-    - ``kill_timeout``: seconds workers get to exit after SIGTERM on stop.
+    ``consumer`` is a Consumer or a plain handler function; ``processes``
+    defaults to os.cpu_count(). The keyword options and their defaults are
+    listed in gaspar._options (``gaspar serve --help`` prints them):
+    max_request_size, read_timeout, timeout, max_requests,
+    max_requests_jitter, max_worker_memory, max_connections, max_in_flight,
+    graceful_timeout, startup_timeout, kill_timeout, prefetch and backlog.
     """
 
     def __init__(
@@ -121,29 +89,36 @@ class Producer:
         port: int,
         processes: Optional[int] = None,
         host: str = "127.0.0.1",
-        *,
-        max_request_size: int = DEFAULT_MAX_REQUEST_SIZE,
-        read_timeout: float = 30.0,
-        graceful_timeout: float = 30.0,
-        startup_timeout: float = 60.0,
-        prefetch: int = 1,
-        kill_timeout: float = 10.0,
-        backlog: int = 1024,
+        **options: Any,
     ) -> None:
         self.consumer = as_consumer(consumer)
-        self.port = _check_int("port", port, 0, 65535)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
         if processes is None:
             processes = os.cpu_count() or 1
-        self.processes = _check_int("processes", processes, 1, 4096)
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ValueError(f"processes must be a positive int, got {processes!r}")
+        self.port = port
+        self.processes = processes
         self.host = host
-        self.max_request_size = _check_int("max_request_size", max_request_size, 0, MAX_FRAME_SIZE)
-        self.read_timeout = _check_seconds("read_timeout", read_timeout)
-        self.graceful_timeout = _check_seconds("graceful_timeout", graceful_timeout, allow_zero=True)
-        self.startup_timeout = _check_seconds("startup_timeout", startup_timeout)
-        self.prefetch = _check_int("prefetch", prefetch, 1, 1 << 20)
-        self.backlog = _check_int("backlog", backlog, 1, 1 << 20)
 
-        self.forker = Forker(self._run_worker, kill_timeout=_check_seconds("kill_timeout", kill_timeout))
+        values = resolve_options(options)
+        self.max_request_size: int = values["max_request_size"]
+        self.read_timeout: float = values["read_timeout"]
+        self.timeout: Optional[float] = values["timeout"]
+        self.max_requests: Optional[int] = values["max_requests"]
+        self.max_requests_jitter: int = values["max_requests_jitter"]
+        if self.max_requests_jitter is None:
+            self.max_requests_jitter = (self.max_requests or 0) // 10
+        self.max_worker_memory: Optional[int] = values["max_worker_memory"]
+        self.max_connections: int = values["max_connections"]
+        self.max_in_flight: int = values["max_in_flight"] or 4 * processes
+        self.graceful_timeout: float = values["graceful_timeout"]
+        self.startup_timeout: float = values["startup_timeout"]
+        self.prefetch: int = values["prefetch"]
+        self.backlog: int = values["backlog"]
+
+        self.forker = Forker(self._run_worker, kill_timeout=values["kill_timeout"])
         self.server_addr: Optional[Tuple[str, int]] = None
         self.running = threading.Event()
         self.stopped = threading.Event()
@@ -151,6 +126,8 @@ class Producer:
         self._active = False
         self._stop_requested = False
         self._error: Optional[BaseException] = None
+        self._counters: collections.Counter = collections.Counter()
+        self._rejections = RejectionLog(log)
 
     # -- public API -------------------------------------------------------
 
@@ -182,15 +159,20 @@ class Producer:
             self._teardown()
             raise
 
-        self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
         self._active = True
         self.stopped.clear()
         self.running.set()
+        self._update_accepting()
         log.info(
-            "listening on %s with %d workers (framing: %s)",
+            "listening on %s with %d workers (framing: %s, max request size: %d bytes, "
+            "max in flight: %d, max connections: %d, handler timeout: %s)",
             self.address,
             self.processes,
             _framing_implementation(),
+            self.max_request_size,
+            self.max_in_flight,
+            self.max_connections,
+            "none" if self.timeout is None else f"{self.timeout} s",
         )
 
         if not blocking:
@@ -210,7 +192,7 @@ class Producer:
     def stop(self, timeout: Optional[float] = None) -> None:
         """Stop accepting, let requests in flight finish, then end every worker.
 
-        Requests still in flight after ``graceful_timeout`` fail. Waits up
+        Requests still unanswered after ``graceful_timeout`` fail. Waits up
         to ``timeout`` seconds (None: no limit) for the producer to stop,
         unless called from the producer's own thread.
         """
@@ -225,37 +207,53 @@ class Producer:
         if thread is not None and thread.name == _LOOP_THREAD_NAME:
             thread.join(timeout)
 
+    def stats(self) -> Dict[str, Any]:
+        """Return counters: requests accepted, succeeded, failed by cause, in flight, and per worker."""
+        counters = self._counters
+        dispatcher = getattr(self, "_dispatcher", None)
+        return {
+            "accepted": counters["accepted"],
+            "succeeded": counters["succeeded"],
+            "failed": dict(self._rejections.totals),
+            "in_flight": len(dispatcher.in_flight) if dispatcher else 0,
+            "queued": len(dispatcher.queue) if dispatcher else 0,
+            "worker_restarts": counters["worker_restarts"],
+            "workers": {worker.pid: worker.served for worker in list(self.forker.workers.values())},
+        }
+
     # -- setup and teardown ---------------------------------------------
 
     def _setup(self) -> None:
         """Create every resource; _teardown() can undo any prefix of this."""
         self._error = None
         self._stop_requested = False
+        self._stopping = False
+        self._drain_deadline = 0.0
         self._listener: Optional[socket.socket] = None
+        self._accepting = False
+        self._accept_blocked_until = 0.0
         self._context: Optional[zmq.Context] = None
         self._replies = None
+        self._replies_pending = False
+        self._runtime_dir: Optional[str] = None
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._stopping = False
-        self._drain_deadline = 0.0
 
-        self._connections: Dict[int, _Connection] = {}
-        self._in_flight: Dict[int, _Connection] = {}
-        self._queue: Deque[_Connection] = collections.deque()
-        self._reading: Deque[_Connection] = collections.deque()
-        self._request_ids = itertools.count(1)
-        self._ready: List[WorkerProcess] = []
+        self._dispatcher = Dispatcher(self.prefetch, self.timeout)
+        self._connections: Dict[int, Connection] = {}
+        # Requests whose header has been read and that are not answered yet.
+        self._counted = 0
+        # Connections not read from while the in-flight limit is reached.
+        self._held: Deque[Connection] = collections.deque()
+        # Connections still reading, in accept order, for the read timeout.
+        self._reading: Deque[Connection] = collections.deque()
         self._early_ready: Dict[int, int] = {}
         self._timers: List[Tuple[float, int, Callable[[], None]]] = []
         self._timer_ids = itertools.count()
         self._boot_failures = 0
-        self._replies_pending = False
-        self._accept_paused = False
-        self._rejections: collections.Counter = collections.Counter()
 
-        self._runtime_dir = None
         self._runtime_dir = tempfile.mkdtemp(prefix="gaspar-")
         # Fork the fork server first: this process runs no thread of ours yet,
         # and holds no listening socket or 0MQ context for workers to inherit.
@@ -299,25 +297,24 @@ class Producer:
             self.forker.spawn()
 
         deadline = time.monotonic() + self.startup_timeout
-        while len(self._ready) < self.processes:
+        while len(self._dispatcher.ready) < self.processes:
             if self._error is not None:
                 raise self._error
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StartupError(
-                    f"only {len(self._ready)} of {self.processes} workers were ready after "
+                    f"only {len(self._dispatcher.ready)} of {self.processes} workers were ready after "
                     f"{self.startup_timeout} s; raise startup_timeout if setup() is slow"
                 )
-            self._poll(min(remaining, 1.0))
+            self._poll(min(remaining, MAX_POLL_TIMEOUT))
 
     def _teardown(self) -> None:
         for conn in list(self._connections.values()):
-            self._reset(conn)
+            self._fail_request(conn, STOPPING, "the producer stopped")
         for worker in self.forker.workers.values():
             if worker.push is not None:
                 worker.push.close(linger=0)
                 worker.push = None
-        self._ready.clear()
         # The Forker closes the sentinels, so the selector goes first.
         self._selector.close()
 
@@ -337,6 +334,7 @@ class Producer:
         self._wake_w.close()
         if self._runtime_dir is not None:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
+        self._rejections.flush(time.monotonic(), force=True)
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         """Route SIGINT and SIGTERM to the loop; return a function that undoes it."""
@@ -361,7 +359,7 @@ class Producer:
 
     def _serve_forever(self) -> None:
         try:
-            while not self._stopping or self._has_work_to_drain():
+            while not self._stopping or (self._connections and time.monotonic() < self._drain_deadline):
                 self._poll(self._next_timeout())
         except BaseException as exc:
             log.exception("producer loop failed; stopping")
@@ -369,7 +367,7 @@ class Producer:
         finally:
             self._finish_stop()
 
-    def _poll(self, timeout: Optional[float]) -> None:
+    def _poll(self, timeout: float) -> None:
         if self._replies_pending:
             timeout = 0
         for key, mask in self._selector.select(timeout):
@@ -378,32 +376,33 @@ class Producer:
             self._drain_replies(None, 0)
 
         now = time.monotonic()
-        self._run_timers(now)
+        while self._timers and self._timers[0][0] <= now:
+            _, _, callback = heapq.heappop(self._timers)
+            callback()
         self._expire_reads(now)
+        self._expire_requests(now)
+        self._rejections.flush(now)
 
     def _next_timeout(self) -> float:
-        timeout = 1.0
-        now = time.monotonic()
+        deadlines = [MAX_POLL_TIMEOUT + time.monotonic()]
         if self._timers:
-            timeout = min(timeout, self._timers[0][0] - now)
+            deadlines.append(self._timers[0][0])
         if self._reading:
-            timeout = min(timeout, self._reading[0].deadline - now)
+            deadlines.append(self._reading[0].read_deadline)
+        request_deadline = self._dispatcher.next_deadline()
+        if request_deadline is not None:
+            deadlines.append(request_deadline)
         if self._stopping:
-            timeout = min(timeout, self._drain_deadline - now)
-        return max(timeout, 0.0)
+            deadlines.append(self._drain_deadline)
+        return max(min(deadlines) - time.monotonic(), 0.0)
 
     def _call_later(self, delay: float, callback: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), callback))
 
-    def _run_timers(self, now: float) -> None:
-        while self._timers and self._timers[0][0] <= now:
-            _, _, callback = heapq.heappop(self._timers)
-            callback()
-
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             # A full buffer already holds a wake-up; a closed one means stopped.
             pass
 
@@ -417,11 +416,12 @@ class Producer:
                 if self._stop_requested:
                     self._begin_stop()
             elif value in (signal.SIGINT, signal.SIGTERM):
+                name = signal.Signals(value).name
                 if self._stopping:
-                    log.warning("second %s: stopping now", signal.Signals(value).name)
+                    log.warning("second %s received: stopping now", name)
                     self._drain_deadline = time.monotonic()
                 else:
-                    log.info("%s received: stopping", signal.Signals(value).name)
+                    log.info("%s received: stopping gracefully", name)
                     self._begin_stop()
 
     # -- stopping -----------------------------------------------------------
@@ -431,29 +431,24 @@ class Producer:
             return
         self._stopping = True
         self._drain_deadline = time.monotonic() + self.graceful_timeout
+        self._update_accepting()
         if self._listener is not None:
-            self._selector.unregister(self._listener)
             self._listener.close()
             self._listener = None
         for conn in list(self._connections.values()):
             if conn.state == READING:
-                self._reset(conn)
+                self._fail_request(conn, STOPPING, "the producer is stopping")
         log.info(
             "stopping: %d requests in flight, %d queued, waiting up to %s s",
-            len(self._in_flight),
-            len(self._queue),
+            len(self._dispatcher.in_flight),
+            len(self._dispatcher.queue),
             self.graceful_timeout,
         )
-
-    def _has_work_to_drain(self) -> bool:
-        if time.monotonic() >= self._drain_deadline:
-            return False
-        return bool(self._connections)
 
     def _finish_stop(self) -> None:
         left = len(self._connections)
         if left:
-            log.warning("failing %d requests still unfinished at stop", left)
+            log.warning("failing %d requests still unanswered after the graceful timeout", left)
         self._teardown()
         self._active = False
         self.running.clear()
@@ -462,43 +457,61 @@ class Producer:
 
     # -- connections ------------------------------------------------------
 
+    def _update_accepting(self) -> None:
+        """Watch the listener exactly when a new connection may be taken."""
+        want = (
+            self._listener is not None
+            and not self._stopping
+            and self._active
+            and len(self._connections) < self.max_connections
+            and self._counted < self.max_in_flight
+            and time.monotonic() >= self._accept_blocked_until
+        )
+        if want == self._accepting:
+            return
+        if want:
+            self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        else:
+            self._selector.unregister(self._listener)
+        self._accepting = want
+
     def _accept(self, listener, mask) -> None:
         for _ in range(ACCEPT_BATCH):
+            if not self._accepting:
+                return
             try:
-                sock, peer = listener.accept()
+                sock, _ = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in _ACCEPT_ERRNOS_OUT_OF_RESOURCES:
                     self._pause_accepting(exc)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
             sock.setblocking(False)
-            conn = _Connection(sock, peer)
-            self._connections[sock.fileno()] = conn
+            conn = Connection(sock)
+            self._connections[conn.fd] = conn
+            self._counters["accepted"] += 1
             self._read(conn)
-            if conn.state == READING:
-                conn.deadline = time.monotonic() + self.read_timeout
+            if conn.state == READING and self._connections.get(conn.fd) is conn:
+                conn.read_deadline = time.monotonic() + self.read_timeout
                 self._reading.append(conn)
                 self._watch(conn, selectors.EVENT_READ)
+            if len(self._connections) >= self.max_connections:
+                self._update_accepting()
 
     def _pause_accepting(self, exc: OSError) -> None:
-        self._count_rejection("accept failed", f"{exc.strerror}; pausing accept for {ACCEPT_PAUSE} s")
-        if self._accept_paused or self._listener is None:
-            return
-        self._accept_paused = True
-        self._selector.unregister(self._listener)
+        """Stop accepting for a while: the process is out of descriptors or memory."""
+        self._rejections.record(
+            "accept failed", f"{exc.strerror}; pausing accept for {ACCEPT_PAUSE} s", time.monotonic()
+        )
+        self._accept_blocked_until = time.monotonic() + ACCEPT_PAUSE
+        self._update_accepting()
+        self._call_later(ACCEPT_PAUSE, self._update_accepting)
 
-        def resume() -> None:
-            self._accept_paused = False
-            if self._listener is not None:
-                self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
-
-        self._call_later(ACCEPT_PAUSE, resume)
-
-    def _watch(self, conn: _Connection, events: int) -> None:
+    def _watch(self, conn: Connection, events: int) -> None:
         if conn.events == events:
             return
         if conn.events == 0:
@@ -514,188 +527,125 @@ class Producer:
         if conn is None:
             return
         if conn.state == READING:
+            if not conn.counted and self._counted >= self.max_in_flight:
+                # Backpressure: no new request is read until one is answered.
+                self._watch(conn, 0)
+                self._held.append(conn)
+                return
             self._read(conn)
         elif conn.state == WRITING:
             self._write(conn)
 
-    def _read(self, conn: _Connection) -> None:
-        """Read what the client has sent; dispatch once the frame is complete."""
-        sock = conn.sock
+    def _read(self, conn: Connection) -> None:
+        """Read from the client; hand the request to the dispatcher once complete."""
         try:
-            if conn.parser is None:
-                data = sock.recv(FIRST_READ_SIZE)
-                if not data:
-                    # Closed before sending anything: nothing to answer.
-                    self._close(conn)
-                    return
-                if self._read_first_chunk(conn, data):
-                    return
-
-            parser = conn.parser
-            for _ in range(READ_BATCH):
-                received = sock.recv_into(parser.get_buffer())
-                if received == 0:
-                    self._count_rejection("truncated request", "the client closed the connection mid-frame")
-                    self._reset(conn)
-                    return
-                parser.buffer_updated(received)
-                payload = parser.next_frame()
-                if payload is not None:
-                    conn.parser = None
-                    self._dispatch(conn, payload)
-                    return
+            payload = conn.read_request(self.max_request_size)
         except BlockingIOError:
-            return
+            payload = None
         except FrameTooLarge as exc:
-            self._count_rejection("request too large", str(exc))
-            self._reset(conn)
-        except OSError:
-            # A reset or other error from the client: nobody is left to answer.
-            self._reset(conn)
+            self._fail_request(conn, TOO_LARGE, str(exc))
+            return
+        except ClientClosed as exc:
+            if exc.mid_frame:
+                self._fail_request(conn, CLIENT_LEFT, str(exc))
+            else:
+                self._finish(conn, clean=True)
+            return
+        except OSError as exc:
+            self._fail_request(conn, CLIENT_LEFT, exc.strerror or str(exc))
+            return
 
-    def _read_first_chunk(self, conn: _Connection, data: bytes) -> bool:
-        """Handle the connection's first read; return True when the request is settled.
+        if not conn.counted and (payload is not None or conn.header_known):
+            conn.counted = True
+            self._counted += 1
+            if self._counted >= self.max_in_flight:
+                self._update_accepting()
+        if payload is not None:
+            self._submit(conn, payload)
 
-        A request that arrives whole (the usual case) skips the parser.
-        Bytes after the frame are ignored.
-        """
-        if len(data) >= HEADER_SIZE:
-            size = unpack_header(data)
-            if size > self.max_request_size:
-                raise FrameTooLarge(size, self.max_request_size)
-            end = HEADER_SIZE + size
-            if len(data) >= end:
-                if size == 0:
-                    # A zero-length request is closed without a reply.
-                    self._close(conn)
-                else:
-                    self._dispatch(conn, memoryview(data)[HEADER_SIZE:end])
-                return True
-            data = memoryview(data)[:end]
-
-        conn.parser = FrameParser(self.max_request_size)
-        conn.parser.feed(data)
-        return False
-
-    def _dispatch(self, conn: _Connection, payload) -> None:
+    def _submit(self, conn: Connection, payload) -> None:
         self._watch(conn, 0)
         if len(payload) == 0:
-            self._close(conn)
+            # A zero-length request is closed without a reply.
+            self._finish(conn, clean=True)
             return
-        conn.request_id = next(self._request_ids)
-        worker = self._pick_worker()
-        if worker is None:
-            conn.state = QUEUED
-            conn.payload = payload
-            self._queue.append(conn)
-            return
-        self._send_request(worker, conn, payload)
-
-    def _pick_worker(self) -> Optional[WorkerProcess]:
-        best = None
-        best_load = self.prefetch
-        for worker in self._ready:
-            load = len(worker.in_flight)
-            if load < best_load:
-                best = worker
-                best_load = load
-                if load == 0:
-                    break
-        return best
-
-    def _send_request(self, worker: WorkerProcess, conn: _Connection, payload) -> None:
-        request_id = conn.request_id
         try:
-            _messages.send_message(worker.push, _messages.REQUEST, request_id, payload)
+            self._dispatcher.submit(conn, payload, time.monotonic())
         except zmq.ZMQError as exc:
-            log.error("request %d: sending to worker %d failed: %s", request_id, worker.worker_id, exc)
-            self._reset(conn)
-            return
-        conn.state = DISPATCHED
-        conn.payload = None
-        conn.worker = worker
-        worker.in_flight.add(request_id)
-        self._in_flight[request_id] = conn
+            self._fail_request(conn, SEND_FAILED, str(exc))
 
-    def _dispatch_queued(self) -> None:
-        while self._queue:
-            worker = self._pick_worker()
-            if worker is None:
-                return
-            conn = self._queue.popleft()
-            if conn.state == QUEUED:
-                self._send_request(worker, conn, conn.payload)
-
-    def _write(self, conn: _Connection) -> None:
-        reply = conn.reply
+    def _write(self, conn: Connection) -> None:
         try:
-            sent = conn.sock.send(reply)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            # The client left before its reply was sent; the reply is dropped.
-            self._reset(conn)
+            done = conn.send_reply()
+        except OSError as exc:
+            self._fail_request(conn, CLIENT_LEFT, f"{exc.strerror or exc}; reply dropped")
             return
-        if sent == len(reply):
-            self._close(conn)
+        if done:
+            self._counters["succeeded"] += 1
+            self._finish(conn, clean=True)
             return
-        conn.reply = reply[sent:]
         conn.state = WRITING
         self._watch(conn, selectors.EVENT_WRITE)
 
-    def _close(self, conn: _Connection) -> None:
-        """Close after a complete reply: the client reads a FIN."""
-        sock = conn.sock
-        try:
-            drained = 0
-            while drained < DRAIN_BEFORE_CLOSE:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                drained += len(data)
-        except OSError:
-            pass
-        self._forget(conn)
-        sock.close()
+    def _fail_request(self, conn: Connection, cause: str, detail: str) -> None:
+        """Reset a connection and count the failure under its cause."""
+        self._rejections.record(cause, detail, time.monotonic())
+        self._finish(conn, clean=False)
 
-    def _reset(self, conn: _Connection) -> None:
-        """Close with a reset: the protocol's signal that the request failed."""
-        sock = conn.sock
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        except OSError:
-            pass
-        self._forget(conn)
-        sock.close()
-
-    def _forget(self, conn: _Connection) -> None:
-        if conn.state == CLOSED:
-            return
+    def _finish(self, conn: Connection, clean: bool) -> None:
+        """Close a connection (a FIN when clean, else a reset) and release what it held."""
         if conn.events:
             self._selector.unregister(conn.sock)
             conn.events = 0
-        if conn.state == DISPATCHED:
-            self._in_flight.pop(conn.request_id, None)
-        conn.state = CLOSED
-        conn.parser = None
-        conn.payload = None
-        conn.reply = None
-        self._connections.pop(conn.sock.fileno(), None)
+        if conn.state == DISPATCHED or conn.state == QUEUED:
+            self._dispatcher.discard(conn)
+        self._connections.pop(conn.fd, None)
+        if clean:
+            conn.close()
+        else:
+            conn.reset()
+
+        if conn.counted:
+            conn.counted = False
+            self._counted -= 1
+            if self._held:
+                self._release_held()
+        if not self._accepting:
+            self._update_accepting()
+
+    def _release_held(self) -> None:
+        """Read held connections again once the in-flight count is below its limit."""
+        while self._held and self._counted < self.max_in_flight:
+            conn = self._held.popleft()
+            if conn.state == READING:
+                self._watch(conn, selectors.EVENT_READ)
 
     def _expire_reads(self, now: float) -> None:
         reading = self._reading
-        while reading and reading[0].deadline <= now:
+        while reading and reading[0].read_deadline <= now:
             conn = reading.popleft()
-            if conn.state == READING:
-                self._count_rejection("read timeout", f"no complete request within {self.read_timeout} s")
-                self._reset(conn)
+            if conn.state == READING and self._connections.get(conn.fd) is conn:
+                if conn in self._held:
+                    self._held.remove(conn)
+                self._fail_request(conn, READ_TIMEOUT, f"no complete request within {self.read_timeout} s")
 
-    def _count_rejection(self, cause: str, detail: str) -> None:
-        """Log a rejected request once per cause, then every 1000th time with a count."""
-        self._rejections[cause] += 1
-        count = self._rejections[cause]
-        if count == 1 or count % 1000 == 0:
-            log.warning("rejected %d requests so far: %s (%s)", count, cause, detail)
+    def _expire_requests(self, now: float) -> None:
+        """Kill the worker of each request that ran past the handler timeout."""
+        for worker, request_id in self._dispatcher.expired(now):
+            if worker.timed_out:
+                continue
+            worker.timed_out = True
+            log.error(
+                "request %d ran past the %s s timeout on worker %d (pid %d); killing the worker",
+                request_id,
+                self.timeout,
+                worker.worker_id,
+                worker.pid,
+            )
+            self.forker.kill(worker, signal.SIGKILL)
+            for conn in self._dispatcher.remove_worker(worker):
+                cause = TIMEOUT if conn.request_id == request_id else WORKER_DIED
+                self._fail_request(conn, cause, f"worker {worker.worker_id} (pid {worker.pid}) was killed")
 
     # -- replies and workers ------------------------------------------------
 
@@ -712,27 +662,32 @@ class Producer:
                 self._replies_pending = False
                 return
             kind, value, body = _messages.receive_message(replies)
-            if kind == _messages.REPLY or kind == _messages.FAILED:
-                self._handle_reply(kind, value, body)
-            elif kind == _messages.READY:
+            if kind == _messages.READY:
                 self._handle_ready(value, _messages.PID.unpack(body)[0])
             else:
-                log.error("ignoring a 0MQ message of unknown kind %d", kind)
+                self._handle_reply(kind, value, body)
         self._replies_pending = True
 
     def _handle_reply(self, kind: int, request_id: int, body: memoryview) -> None:
-        conn = self._in_flight.pop(request_id, None)
+        dispatcher = self._dispatcher
+        conn = dispatcher.complete(request_id)
         if conn is None:
             log.debug("request %d: dropping a reply that nobody waits for", request_id)
             return
-        worker = conn.worker
-        worker.in_flight.discard(request_id)
-        worker.served += 1
-        if self._queue:
-            self._dispatch_queued()
 
-        if kind == _messages.FAILED:
-            self._reset(conn)
+        worker = conn.worker
+        if kind & _messages.RECYCLE_FLAG:
+            self._recycle(worker, f"is above the memory limit of {self.max_worker_memory} MiB")
+        elif worker.max_served is not None and worker.served >= worker.max_served:
+            self._recycle(worker, f"served {worker.served} requests")
+        if worker.retiring and not worker.in_flight and worker not in dispatcher.ready:
+            self._stop_worker(worker)
+        if dispatcher.queue:
+            for failed, exc in dispatcher.send_queued(time.monotonic()):
+                self._fail_request(failed, SEND_FAILED, str(exc))
+
+        if kind & ~_messages.RECYCLE_FLAG == _messages.FAILED:
+            self._fail_request(conn, HANDLER_ERROR, f"request {request_id} on worker {worker.worker_id}")
             return
         conn.reply = body
         conn.state = WRITING
@@ -750,11 +705,37 @@ class Producer:
         push.connect(self._request_endpoint(worker_id))
         worker.push = push
         worker.ready = True
-        self._ready.append(worker)
+        if self.max_requests is not None:
+            worker.max_served = self.max_requests + random.randint(0, self.max_requests_jitter)
         self._boot_failures = 0
         log.info("worker %d (pid %d) ready", worker_id, pid)
-        if self._queue:
-            self._dispatch_queued()
+
+        dispatcher = self._dispatcher
+        dispatcher.add_worker(worker)
+        # A ready replacement lets the oldest retiring worker stop taking work.
+        for old in dispatcher.ready:
+            if old.retiring:
+                dispatcher.pause_worker(old)
+                if not old.in_flight:
+                    self._stop_worker(old)
+                break
+        if dispatcher.queue:
+            for failed, exc in dispatcher.send_queued(time.monotonic()):
+                self._fail_request(failed, SEND_FAILED, str(exc))
+
+    def _recycle(self, worker: WorkerProcess, reason: str) -> None:
+        """Fork a replacement now; the worker stops taking work once the replacement is ready."""
+        if worker.retiring or self._stopping:
+            return
+        worker.retiring = True
+        log.info("worker %d (pid %d) %s; replacing it", worker.worker_id, worker.pid, reason)
+        self._counters["worker_restarts"] += 1
+        self.forker.spawn()
+
+    def _stop_worker(self, worker: WorkerProcess) -> None:
+        if not worker.stop_sent:
+            worker.stop_sent = True
+            self.forker.kill(worker, signal.SIGTERM)
 
     def _handle_forker_events(self, fd, mask) -> None:
         events = self.forker.receive_events()
@@ -778,39 +759,32 @@ class Producer:
 
     def _handle_sentinel(self, worker: WorkerProcess, fd, mask) -> None:
         """React to a worker's death at once; its exit status comes later."""
-        self._selector.unregister(fd)
-        worker.close_sentinel()
         self._retire(worker)
 
     def _retire(self, worker: WorkerProcess) -> None:
         """Stop using a dead worker and fail exactly the requests it held."""
-        if worker in self._ready:
-            self._ready.remove(worker)
+        if worker.sentinel < 0:
+            return
+        self._selector.unregister(worker.sentinel)
+        worker.close_sentinel()
         if worker.push is not None:
             worker.push.close(linger=0)
             worker.push = None
-        failed = 0
-        for request_id in list(worker.in_flight):
-            conn = self._in_flight.pop(request_id, None)
-            if conn is not None:
-                self._reset(conn)
-                failed += 1
-        worker.in_flight.clear()
-        if not self._stopping:
+        lost = self._dispatcher.remove_worker(worker)
+        for conn in lost:
+            self._fail_request(conn, WORKER_DIED, f"worker {worker.worker_id} (pid {worker.pid}) died")
+        if lost or not (self._stopping or worker.stop_sent or worker.timed_out):
             log.warning(
-                "worker %d (pid %d) died; failed its %d requests in flight",
+                "worker %d (pid %d) died; failed the %d requests it held",
                 worker.worker_id,
                 worker.pid,
-                failed,
+                len(lost),
             )
 
     def _handle_exit(self, worker: WorkerProcess) -> None:
-        """Replace a reaped worker, unless it never became ready."""
-        if worker.sentinel >= 0:
-            self._selector.unregister(worker.sentinel)
-            worker.close_sentinel()
-            self._retire(worker)
-        if self._stopping:
+        """Replace a reaped worker, unless it was retiring or never became ready."""
+        self._retire(worker)
+        if self._stopping or worker.retiring:
             return
         if not worker.ready:
             self._handle_boot_failure(
@@ -818,15 +792,19 @@ class Producer:
                 f"{describe_wait_status(worker.exit_status)} before it was ready"
             )
             return
+        self._counters["worker_restarts"] += 1
         self.forker.spawn()
 
     def _handle_boot_failure(self, reason: str) -> None:
+        """Retry with a growing delay; give up after MAX_BOOT_FAILURES in a row."""
         if not self.running.is_set():
             self._error = StartupError(f"{reason}; see the worker's log above")
             return
         self._boot_failures += 1
         if self._boot_failures > MAX_BOOT_FAILURES:
-            self._fail(StartupError(f"{reason}; {MAX_BOOT_FAILURES} replacement workers failed in a row, giving up"))
+            self._fail(
+                StartupError(f"{reason}; {MAX_BOOT_FAILURES} replacement workers failed in a row, giving up")
+            )
             return
         delay = BOOT_RETRY_DELAY * 2 ** (self._boot_failures - 1)
         log.error("%s; retrying in %.1f s", reason, delay)
@@ -841,7 +819,8 @@ class Producer:
     def _log_forker_event(self, event) -> None:
         kind, subject, value = event
         if kind == EXITED:
-            level = logging.INFO if self._stopping and value == 0 else logging.WARNING
+            expected = self._stopping or subject.stop_sent
+            level = logging.INFO if expected and value == 0 else logging.WARNING
             log.log(level, "worker %d (pid %d) %s", subject.worker_id, subject.pid, describe_wait_status(value))
         elif kind == FORK_FAILED:
             log.error("fork() of worker %d failed: %s", subject, os.strerror(value))
@@ -850,7 +829,14 @@ class Producer:
 
     def _run_worker(self, worker_id: int) -> int:
         """Run in a new worker process: serve requests until told to stop."""
-        loop = WorkerLoop(self.consumer, worker_id, self._request_endpoint(worker_id), self._reply_endpoint())
+        max_memory = None if self.max_worker_memory is None else self.max_worker_memory * 1024 * 1024
+        loop = WorkerLoop(
+            self.consumer,
+            worker_id,
+            self._request_endpoint(worker_id),
+            self._reply_endpoint(),
+            max_memory=max_memory,
+        )
         return loop.run()
 
     def _request_endpoint(self, worker_id: int) -> str:
@@ -864,19 +850,3 @@ def _framing_implementation() -> str:
     from gaspar import framing
 
     return framing.IMPLEMENTATION
-
-
-def _check_int(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def _check_seconds(name: str, value, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'at least 0' if allow_zero else 'above 0'} seconds, got {value}")
-    return float(value)

@@ -57,15 +57,37 @@ class WorkerProcess:
     a new one. ``in_flight`` holds the ids of the requests the worker holds.
     """
 
-    __slots__ = ("worker_id", "pid", "sentinel", "ready", "in_flight", "served", "push", "exit_status")
+    __slots__ = (
+        "worker_id",
+        "pid",
+        "sentinel",
+        "ready",
+        "in_flight",
+        "served",
+        "max_served",
+        "retiring",
+        "stop_sent",
+        "timed_out",
+        "push",
+        "exit_status",
+    )
 
     def __init__(self, worker_id: int, pid: int, sentinel: int) -> None:
         self.worker_id = worker_id
         self.pid = pid
         self.sentinel = sentinel
+        # Whether the worker ever reported ready.
         self.ready = False
         self.in_flight: set[int] = set()
         self.served = 0
+        # Requests after which the worker is replaced; None for no limit.
+        self.max_served: Optional[int] = None
+        # A replacement has been asked for; the worker stops once it is ready.
+        self.retiring = False
+        # The producer sent SIGTERM, so the exit is expected.
+        self.stop_sent = False
+        # The worker was killed because a request ran past the timeout.
+        self.timed_out = False
         self.push = None
         self.exit_status: Optional[int] = None
 
@@ -192,6 +214,7 @@ class Forker:
             return []
         events: List[Event] = []
         try:
+            self._send(_forkserver.QUIT, 0, 0)
             self._control.shutdown(socket.SHUT_WR)
         except OSError:
             pass

@@ -1,0 +1,182 @@
+"""One client connection of the producer and the socket I/O on it.
+
+A connection carries exactly one request. It moves through these states::
+
+    READING ──frame complete──> QUEUED ──a worker is free──> DISPATCHED
+       └────────frame complete, a worker is free─────────────────┘
+    DISPATCHED ──reply arrives──> WRITING ──reply sent──> CLOSED (FIN)
+
+Any failure on the way ends it in CLOSED by a reset (RST), the protocol's
+failure signal. The methods here do the socket work; the producer decides
+the transitions.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Optional
+
+from gaspar._constants import HEADER_SIZE
+from gaspar.errors import FrameTooLarge
+from gaspar.framing import FrameParser, unpack_header
+
+READING = 1
+QUEUED = 2
+DISPATCHED = 3
+WRITING = 4
+CLOSED = 5
+
+# The first recv of a connection reads up to this many bytes. A larger size
+# makes the allocator map and unmap memory on every request.
+FIRST_READ_SIZE = 64 * 1024
+# Reads of one connection per wake-up, so one fast sender cannot starve others.
+READ_BATCH = 16
+# Bytes of unread input drained before a clean close: closing a socket with
+# unread input makes Linux send a reset instead of a FIN.
+DRAIN_BEFORE_CLOSE = 256 * 1024
+
+# SO_LINGER on with a zero timeout: close() sends a reset and drops unsent data.
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+# No SIGPIPE when the client has gone: the send fails with EPIPE instead.
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+class ClientClosed(Exception):
+    """The client closed its side before the request was complete.
+
+    ``mid_frame`` is False when it sent nothing at all.
+    """
+
+    def __init__(self, mid_frame: bool) -> None:
+        super().__init__("client closed the connection mid-frame" if mid_frame else "client sent nothing")
+        self.mid_frame = mid_frame
+
+
+class Connection:
+    """One client connection and the single request it carries."""
+
+    __slots__ = (
+        "sock",
+        "fd",
+        "parser",
+        "state",
+        "request_id",
+        "payload",
+        "worker",
+        "reply",
+        "read_deadline",
+        "events",
+        "counted",
+    )
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.parser: Optional[FrameParser] = None
+        self.state = READING
+        self.request_id = 0
+        # The request payload while QUEUED.
+        self.payload = None
+        self.worker = None
+        # The rest of the reply while WRITING.
+        self.reply: Optional[memoryview] = None
+        self.read_deadline = 0.0
+        # The selector events this connection is registered for; 0 when none.
+        self.events = 0
+        # Whether the request counts against the producer's in-flight limit:
+        # from the moment its header is known until the connection closes.
+        self.counted = False
+
+    @property
+    def header_known(self) -> bool:
+        """Whether the request's length is known, so its body may be buffered."""
+        return self.parser is not None and self.parser.frame_size >= 0
+
+    def read_request(self, max_size: int):
+        """Read what the client has sent; return the payload once complete, else None.
+
+        The first read takes up to FIRST_READ_SIZE bytes, so a small request
+        arrives whole and skips the parser; later reads fill the buffer the
+        parser sized from the header. Bytes after the frame are never read.
+
+        Raises FrameTooLarge as soon as a header declares more than
+        ``max_size`` bytes, ClientClosed at EOF, BlockingIOError when the
+        socket has nothing more for now, and OSError when the client reset.
+        """
+        sock = self.sock
+        if self.parser is None:
+            data = sock.recv(FIRST_READ_SIZE)
+            if not data:
+                raise ClientClosed(mid_frame=False)
+            if len(data) >= HEADER_SIZE:
+                size = unpack_header(data)
+                if size > max_size:
+                    raise FrameTooLarge(size, max_size)
+                end = HEADER_SIZE + size
+                if len(data) >= end:
+                    return memoryview(data)[HEADER_SIZE:end]
+                data = memoryview(data)[:end]
+            self.parser = FrameParser(max_size)
+            self.parser.feed(data)
+
+        parser = self.parser
+        for _ in range(READ_BATCH):
+            received = sock.recv_into(parser.get_buffer())
+            if received == 0:
+                raise ClientClosed(mid_frame=True)
+            parser.buffer_updated(received)
+            payload = parser.next_frame()
+            if payload is not None:
+                self.parser = None
+                return payload
+        return None
+
+    def send_reply(self) -> bool:
+        """Send as much of the reply as the socket takes; return True once all is sent.
+
+        Raises OSError (EPIPE, ECONNRESET) when the client has gone.
+        """
+        reply = self.reply
+        try:
+            sent = self.sock.send(reply, _SEND_FLAGS)
+        except BlockingIOError:
+            return False
+        if sent == len(reply):
+            self.reply = None
+            return True
+        self.reply = reply[sent:]
+        return False
+
+    def close(self) -> None:
+        """Close after a complete reply, so the client reads a FIN."""
+        sock = self.sock
+        try:
+            drained = 0
+            while drained < DRAIN_BEFORE_CLOSE:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
+        self._release()
+        sock.close()
+
+    def reset(self) -> None:
+        """Close with a reset (RST): the protocol's signal that the request failed."""
+        sock = self.sock
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except OSError:
+            pass
+        self._release()
+        sock.close()
+
+    def _release(self) -> None:
+        self.state = CLOSED
+        self.parser = None
+        self.payload = None
+        self.reply = None
+        self.worker = None
