@@ -21,7 +21,7 @@ _RECV_SIZE = 256 * 1024
 def parse_address(address: str) -> Tuple[str, int]:
     """Split "host:port" or "[IPv6 host]:port" into (host, port).
 
-    Raises ValueError naming the address when it has no valid port.
+    Raises ValueError naming the address when its host or port is invalid.
     """
     host, separator, port_text = address.rpartition(":")
     # str.isdigit() also accepts digits such as "²" or "٨", which int() rejects or reads as a number.
@@ -53,16 +53,22 @@ def request(address: str, message, timeout: Optional[float] = None) -> bytes:
     frame = pack(message)
     deadline = None if timeout is None else time.monotonic() + timeout
 
-    sock = socket.create_connection((host, port), timeout=timeout)
     try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.timeout as exc:
+        raise TimeoutError(f"connecting to {address} timed out after {timeout} s") from exc
+    except ConnectionResetError as exc:
+        # The server accepted and reset the connection before connect()
+        # returned: a rejected request, unlike a refused connection.
+        raise RequestFailed(address) from exc
+    try:
+        # A socket timeout limits each call on its own (sendall() as a whole),
+        # so every call gets only the time left before the deadline.
+        _set_remaining_timeout(sock, deadline, address, timeout)
         sock.sendall(frame)
         chunks = []
         while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"request to {address} timed out after {timeout} s")
-                sock.settimeout(remaining)
+            _set_remaining_timeout(sock, deadline, address, timeout)
             chunk = sock.recv(_RECV_SIZE)
             if not chunk:
                 return b"".join(chunks)
@@ -73,3 +79,12 @@ def request(address: str, message, timeout: Optional[float] = None) -> bytes:
         raise RequestFailed(address) from exc
     finally:
         sock.close()
+
+
+def _set_remaining_timeout(sock: socket.socket, deadline: Optional[float], address: str, timeout) -> None:
+    if deadline is None:
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"request to {address} timed out after {timeout} s")
+    sock.settimeout(remaining)
