@@ -53,7 +53,9 @@ def load_consumer(target: str) -> Consumer:
         return value
     if callable(value):
         return Consumer(handler=value)
-    raise ValueError(f"{target} is a {type(value).__name__}; expected a function, a Consumer or a Consumer subclass")
+    raise ValueError(
+        f"{target} is of type {type(value).__name__}; expected a function, a Consumer or a Consumer subclass"
+    )
 
 
 def _env(name: str, default: str) -> str:
@@ -135,9 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="-",
         metavar="MESSAGE",
-        help="the request, sent as UTF-8; '-' or nothing reads raw bytes from standard input",
+        help="the request, sent as the bytes given on the command line; '-' or nothing reads it from standard input",
     )
-    send.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="limit on the whole request")
+    send.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds the whole request may take, connect included (default: no limit)",
+    )
     return parser
 
 
@@ -177,7 +185,9 @@ def send_request(arguments: argparse.Namespace) -> int:
     if arguments.message == "-":
         message = sys.stdin.buffer.read()
     else:
-        message = arguments.message.encode("utf-8")
+        # fsencode() undoes how Python decoded argv, so bytes that are not
+        # valid UTF-8 are sent unchanged instead of failing to encode.
+        message = os.fsencode(arguments.message)
     try:
         reply = client.request(arguments.address, message, timeout=arguments.timeout)
     except RequestFailed as exc:
