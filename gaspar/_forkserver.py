@@ -216,7 +216,9 @@ class ForkServer:
 
         deadline = time.monotonic() + kill_timeout
         while self.children and time.monotonic() < deadline:
-            timeout = min(_REAP_INTERVAL, max(0.0, deadline - time.monotonic()))
+            # Once every sentinel has read EOF, the rest is waiting for exits.
+            interval = _DYING_POLL if not self.selector.get_map() else _REAP_INTERVAL
+            timeout = min(interval, max(0.0, deadline - time.monotonic()))
             for key, _ in self.selector.select(timeout):
                 self.selector.unregister(key.fileobj)
             self._reap()

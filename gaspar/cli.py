@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 from gaspar import __version__, client
-from gaspar._constants import DEFAULT_MAX_REQUEST_SIZE
+from gaspar._options import OPTIONS, Option, default_text
 from gaspar.consumers import Consumer
 from gaspar.errors import GasparError, RequestFailed, StartupError
 
@@ -64,6 +64,20 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"GASPAR_{name}", default)
 
 
+def _add_limit(parser: argparse.ArgumentParser, option: Option) -> None:
+    """Add one of the Producer's limits as a flag that also reads its GASPAR_* variable."""
+    default = default_text(option)
+    parser.add_argument(
+        option.flag,
+        dest=option.name,
+        type=option.type,
+        default=os.environ.get(option.environment_variable, default),
+        metavar=option.metavar,
+        help=f"{option.help}; env {option.environment_variable}"
+        + ("" if default is None else " (default: %(default)s)"),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``gaspar`` command."""
     parser = argparse.ArgumentParser(
@@ -91,34 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("WORKERS", str(os.cpu_count() or 1)),
         help="number of worker processes (default: the number of CPUs, %(default)s)",
     )
-    serve.add_argument(
-        "--max-request-size",
-        type=int,
-        default=_env("MAX_REQUEST_SIZE", str(DEFAULT_MAX_REQUEST_SIZE)),
-        metavar="BYTES",
-        help="largest request payload in bytes; larger requests are reset (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--read-timeout",
-        type=float,
-        default=_env("READ_TIMEOUT", "30"),
-        metavar="SECONDS",
-        help="seconds a client has to send its whole request (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=_env("GRACEFUL_TIMEOUT", "30"),
-        metavar="SECONDS",
-        help="seconds to let requests in flight finish after SIGTERM or SIGINT (default: %(default)s)",
-    )
-    serve.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=_env("STARTUP_TIMEOUT", "60"),
-        metavar="SECONDS",
-        help="seconds to wait for every worker to be ready (default: %(default)s)",
-    )
+    for option in OPTIONS:
+        _add_limit(serve, option)
     serve.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
@@ -156,16 +144,10 @@ def serve(arguments: argparse.Namespace) -> int:
     logging.basicConfig(level=arguments.log_level.upper(), format=LOG_FORMAT)
     try:
         consumer = load_consumer(arguments.target)
-        producer = Producer(
-            consumer,
-            arguments.port,
-            processes=arguments.workers,
-            host=arguments.host,
-            max_request_size=arguments.max_request_size,
-            read_timeout=arguments.read_timeout,
-            graceful_timeout=arguments.graceful_timeout,
-            startup_timeout=arguments.startup_timeout,
-        )
+        if arguments.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {arguments.workers}")
+        limits = {option.name: getattr(arguments, option.name) for option in OPTIONS}
+        producer = Producer(consumer, arguments.port, processes=arguments.workers, host=arguments.host, **limits)
     except (TypeError, ValueError) as exc:
         print(f"gaspar serve: {exc}", file=sys.stderr)
         return 2
