@@ -24,7 +24,9 @@ import pytest
 
 import gaspar
 from gaspar import client
-from gaspar.cli import main
+import gaspar.examples
+from gaspar._options import OPTIONS
+from gaspar.cli import build_parser, main
 
 from conftest import descendant_pids, subprocess_env, wait_for
 
@@ -517,3 +519,64 @@ def test_cli_request_stdout_closed_early(start_producer, tmp_path):
     assert returncode == 0
     assert "Traceback" not in stderr
     assert "BrokenPipeError" not in stderr
+
+
+# -- Limits: one flag and one environment variable per Producer option ---------
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_cli_serve_limit_flag(option):
+    value = "7" if option.type is int else "7.5"
+
+    arguments = build_parser().parse_args(["serve", "gaspar.examples:echo", option.flag, value])
+
+    assert getattr(arguments, option.name) == option.type(value)
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_cli_serve_limit_environment(option, monkeypatch):
+    value = "9" if option.type is int else "9.5"
+    monkeypatch.setenv(option.environment_variable, value)
+
+    arguments = build_parser().parse_args(["serve", "gaspar.examples:echo"])
+
+    assert getattr(arguments, option.name) == option.type(value)
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_cli_serve_limit_reaches_producer(option):
+    arguments = build_parser().parse_args(["serve", "gaspar.examples:echo"])
+    limits = {limit.name: getattr(arguments, limit.name) for limit in OPTIONS}
+
+    producer = gaspar.Producer(gaspar.examples.echo, 0, processes=1, **limits)
+
+    expected = option.default
+    if option.name == "max_in_flight":
+        expected = 4
+    elif option.name == "max_requests_jitter":
+        expected = 0
+    if option.name == "kill_timeout":
+        assert producer.forker.kill_timeout == expected
+    else:
+        assert getattr(producer, option.name) == expected
+
+
+def test_producer_rejects_unknown_option():
+    with pytest.raises(TypeError, match="unknown Producer option 'max_request'"):
+        gaspar.Producer(gaspar.examples.echo, 0, max_request=5)
+
+
+@pytest.mark.parametrize(
+    "name, value, error",
+    [
+        ("max_request_size", -1, ValueError),
+        ("max_request_size", 2**32, ValueError),
+        ("read_timeout", 0, ValueError),
+        ("timeout", "5", TypeError),
+        ("max_in_flight", 1.5, TypeError),
+        ("prefetch", True, TypeError),
+    ],
+)
+def test_producer_rejects_invalid_option(name, value, error):
+    with pytest.raises(error, match=name):
+        gaspar.Producer(gaspar.examples.echo, 0, **{name: value})
