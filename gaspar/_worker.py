@@ -49,7 +49,7 @@ def die_with_parent() -> None:
 
 
 class WorkerLoop:
-    """Receive requests, run the consumer, send replies, until told to stop.
+    """Receive requests, run the consumer and send replies until SIGTERM.
 
     SIGTERM stops an idle worker at once and a busy one after its current
     request, so a request it has started is not lost. SIGINT is ignored:

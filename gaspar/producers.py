@@ -50,7 +50,7 @@ ACCEPT_PAUSE = 0.5
 # producer gives up; the retry delay doubles from BOOT_RETRY_DELAY seconds.
 MAX_BOOT_FAILURES = 5
 BOOT_RETRY_DELAY = 0.5
-# Longest sleep of the loop, so periodic work (log summaries) still runs.
+# Maximum time the loop sleeps, in seconds, so periodic work (log summaries) still runs.
 MAX_POLL_TIMEOUT = 1.0
 
 _LOOP_THREAD_NAME = "gaspar-producer"
@@ -672,7 +672,7 @@ class Producer:
         dispatcher = self._dispatcher
         conn = dispatcher.complete(request_id)
         if conn is None:
-            log.debug("request %d: dropping a reply that nobody waits for", request_id)
+            log.debug("request %d: dropping the reply because its connection is already closed", request_id)
             return
 
         worker = conn.worker
@@ -828,7 +828,7 @@ class Producer:
     # -- worker side ------------------------------------------------------
 
     def _run_worker(self, worker_id: int) -> int:
-        """Run in a new worker process: serve requests until told to stop."""
+        """Serve requests in a new worker process until SIGTERM; return its exit code."""
         max_memory = None if self.max_worker_memory is None else self.max_worker_memory * 1024 * 1024
         loop = WorkerLoop(
             self.consumer,

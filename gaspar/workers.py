@@ -145,7 +145,7 @@ class Forker:
         log.debug("fork server started (pid %d)", self._server_pid)
 
     def fileno(self) -> int:
-        """The control socket, readable when receive_events() has news."""
+        """Return the control socket's descriptor, readable when receive_events() has events."""
         if self._control is None:
             raise RuntimeError("Forker is not started")
         return self._control.fileno()
