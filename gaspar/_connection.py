@@ -67,8 +67,10 @@ class Connection:
         "worker",
         "reply",
         "read_deadline",
+        "write_deadline",
         "events",
         "counted",
+        "held",
     )
 
     def __init__(self, sock: socket.socket) -> None:
@@ -83,11 +85,16 @@ class Connection:
         # The rest of the reply while WRITING.
         self.reply: Optional[memoryview] = None
         self.read_deadline = 0.0
+        # Reset when the client has not taken any reply bytes by then.
+        self.write_deadline = 0.0
         # The selector events this connection is registered for; 0 when none.
         self.events = 0
         # Whether the request counts against the producer's in-flight limit:
         # from the moment its header is known until the connection closes.
         self.counted = False
+        # Not read from, because the in-flight limit is reached; the read
+        # timeout does not run meanwhile.
+        self.held = False
 
     @property
     def header_known(self) -> bool:
@@ -133,8 +140,8 @@ class Connection:
                 return payload
         return None
 
-    def send_reply(self) -> bool:
-        """Send as much of the reply as the socket takes; return True once all is sent.
+    def send_reply(self) -> int:
+        """Send as much of the reply as the socket takes; return the bytes still to send.
 
         Raises OSError (EPIPE, ECONNRESET) when the client has gone.
         """
@@ -142,12 +149,12 @@ class Connection:
         try:
             sent = self.sock.send(reply, _SEND_FLAGS)
         except BlockingIOError:
-            return False
+            return len(reply)
         if sent == len(reply):
             self.reply = None
-            return True
+            return 0
         self.reply = reply[sent:]
-        return False
+        return len(reply) - sent
 
     def close(self) -> None:
         """Close after a complete reply, so the client reads a FIN."""

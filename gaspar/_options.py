@@ -60,6 +60,10 @@ OPTIONS: Tuple[Option, ...] = (
         "time a client has to send its whole request after connecting",
     ),
     Option(
+        "write_timeout", float, 30.0, 0.001, _DAY, "SECONDS",
+        "time a client may go without reading any of its reply before the connection is reset",
+    ),
+    Option(
         "timeout", float, None, 0.001, _DAY, "SECONDS",
         "time a handler may run on one request; on expiry its worker is killed and replaced "
         "and the request fails (default: no limit)",

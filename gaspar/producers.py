@@ -65,6 +65,8 @@ TIMEOUT = "handler timeout"
 CLIENT_LEFT = "client left"
 STOPPING = "server stopping"
 SEND_FAILED = "send to worker failed"
+# Not a failed request: the connection waits in the listen backlog.
+ACCEPT_FAILED = "accept failed"
 
 
 def format_address(host: str, port: int) -> str:
@@ -105,6 +107,7 @@ class Producer:
         values = resolve_options(options)
         self.max_request_size: int = values["max_request_size"]
         self.read_timeout: float = values["read_timeout"]
+        self.write_timeout: float = values["write_timeout"]
         self.timeout: Optional[float] = values["timeout"]
         self.max_requests: Optional[int] = values["max_requests"]
         self.max_requests_jitter: int = values["max_requests_jitter"]
@@ -214,7 +217,8 @@ class Producer:
         return {
             "accepted": counters["accepted"],
             "succeeded": counters["succeeded"],
-            "failed": dict(self._rejections.totals),
+            "failed": {cause: count for cause, count in list(self._rejections.totals.items()) if cause != ACCEPT_FAILED},
+            "accept_errors": self._rejections.totals[ACCEPT_FAILED],
             "in_flight": len(dispatcher.in_flight) if dispatcher else 0,
             "queued": len(dispatcher.queue) if dispatcher else 0,
             "worker_restarts": counters["worker_restarts"],
@@ -249,6 +253,9 @@ class Producer:
         self._held: Deque[Connection] = collections.deque()
         # Connections still reading, in accept order, for the read timeout.
         self._reading: Deque[Connection] = collections.deque()
+        # Connections waiting for the client to take the rest of its reply.
+        self._writing: set = set()
+        self._next_write_check = 0.0
         self._early_ready: Dict[int, int] = {}
         self._timers: List[Tuple[float, int, Callable[[], None]]] = []
         self._timer_ids = itertools.count()
@@ -380,6 +387,7 @@ class Producer:
             _, _, callback = heapq.heappop(self._timers)
             callback()
         self._expire_reads(now)
+        self._expire_writes(now)
         self._expire_requests(now)
         self._rejections.flush(now)
 
@@ -389,6 +397,8 @@ class Producer:
             deadlines.append(self._timers[0][0])
         if self._reading:
             deadlines.append(self._reading[0].read_deadline)
+        if self._writing:
+            deadlines.append(self._next_write_check)
         request_deadline = self._dispatcher.next_deadline()
         if request_deadline is not None:
             deadlines.append(request_deadline)
@@ -505,7 +515,7 @@ class Producer:
     def _pause_accepting(self, exc: OSError) -> None:
         """Stop accepting for a while: the process is out of descriptors or memory."""
         self._rejections.record(
-            "accept failed", f"{exc.strerror}; pausing accept for {ACCEPT_PAUSE} s", time.monotonic()
+            ACCEPT_FAILED, f"{exc.strerror}; pausing accept for {ACCEPT_PAUSE} s", time.monotonic()
         )
         self._accept_blocked_until = time.monotonic() + ACCEPT_PAUSE
         self._update_accepting()
@@ -530,6 +540,7 @@ class Producer:
             if not conn.counted and self._counted >= self.max_in_flight:
                 # Backpressure: no new request is read until one is answered.
                 self._watch(conn, 0)
+                conn.held = True
                 self._held.append(conn)
                 return
             self._read(conn)
@@ -575,16 +586,19 @@ class Producer:
             self._fail_request(conn, SEND_FAILED, str(exc))
 
     def _write(self, conn: Connection) -> None:
+        before = len(conn.reply)
         try:
-            done = conn.send_reply()
+            remaining = conn.send_reply()
         except OSError as exc:
             self._fail_request(conn, CLIENT_LEFT, f"{exc.strerror or exc}; reply dropped")
             return
-        if done:
+        if remaining == 0:
             self._counters["succeeded"] += 1
             self._finish(conn, clean=True)
             return
-        conn.state = WRITING
+        if remaining < before or conn.events != selectors.EVENT_WRITE:
+            conn.write_deadline = time.monotonic() + self.write_timeout
+        self._writing.add(conn)
         self._watch(conn, selectors.EVENT_WRITE)
 
     def _fail_request(self, conn: Connection, cause: str, detail: str) -> None:
@@ -599,6 +613,8 @@ class Producer:
             conn.events = 0
         if conn.state == DISPATCHED or conn.state == QUEUED:
             self._dispatcher.discard(conn)
+        elif conn.state == WRITING:
+            self._writing.discard(conn)
         self._connections.pop(conn.fd, None)
         if clean:
             conn.close()
@@ -618,16 +634,29 @@ class Producer:
         while self._held and self._counted < self.max_in_flight:
             conn = self._held.popleft()
             if conn.state == READING:
+                # The read timeout starts again: the wait was the server's doing.
+                conn.held = False
+                conn.read_deadline = time.monotonic() + self.read_timeout
+                self._reading.append(conn)
                 self._watch(conn, selectors.EVENT_READ)
 
     def _expire_reads(self, now: float) -> None:
         reading = self._reading
         while reading and reading[0].read_deadline <= now:
             conn = reading.popleft()
-            if conn.state == READING and self._connections.get(conn.fd) is conn:
-                if conn in self._held:
-                    self._held.remove(conn)
+            # A held connection is appended again, with a new deadline, on release.
+            if conn.state == READING and not conn.held and self._connections.get(conn.fd) is conn:
                 self._fail_request(conn, READ_TIMEOUT, f"no complete request within {self.read_timeout} s")
+
+    def _expire_writes(self, now: float) -> None:
+        """Reset connections whose client took no reply bytes within the write timeout."""
+        if not self._writing or now < self._next_write_check:
+            return
+        # Progress moves a deadline, so deadlines are unordered: scan, but at
+        # most four times a second. The set is bounded by the in-flight limit.
+        self._next_write_check = now + 0.25
+        for conn in [conn for conn in self._writing if conn.write_deadline <= now]:
+            self._fail_request(conn, CLIENT_LEFT, f"the client read none of its reply for {self.write_timeout} s")
 
     def _expire_requests(self, now: float) -> None:
         """Kill the worker of each request that ran past the handler timeout."""

@@ -339,15 +339,10 @@ def test_idle_connections_no_delay(start_producer):
     assert open_connections >= idle_count
 
 
-@pytest.mark.xfail(
-    reason="no write timeout: a client that never reads its reply keeps its in-flight slot forever, "
-    "so max_in_flight such clients stop the daemon from accepting anyone",
-    strict=True,
-)
 def test_slow_reader_frees_slot(start_producer):
     # The 24 MiB reply fills the loopback socket buffers, so the producer
     # stays in WRITING for as long as the client does not read.
-    producer = start_producer(echo, processes=1, max_in_flight=2, read_timeout=1, timeout=1)
+    producer = start_producer(echo, processes=1, max_in_flight=2, read_timeout=1, timeout=1, write_timeout=1)
     payload = bytes(24 * MIB)
     readers = []
 
@@ -358,8 +353,8 @@ def test_slow_reader_frees_slot(start_producer):
             sock.sendall(client.pack(payload))
         wait_for(lambda: producer._counted >= 2, 10, "both non-reading requests to be read")
 
-        # Without a write timeout this waits in the listen backlog until the
-        # client gives up.
+        # This waits in the listen backlog until the write timeout resets
+        # the clients that do not read.
         reply = client.request(producer.address, b"healthy", timeout=3)
     finally:
         close_all(readers)
@@ -557,11 +552,6 @@ def test_flood_in_flight_capped(start_producer):
     assert producer.stats()["succeeded"] == 40
 
 
-@pytest.mark.xfail(
-    reason="the read timeout keeps running while the in-flight limit holds a connection unread, "
-    "so a client that sent its whole request in time is reset with 'read timeout'",
-    strict=True,
-)
 def test_held_request_not_timed_out(start_producer):
     producer = start_producer(echo_after(1.5), processes=1, max_in_flight=1, read_timeout=1)
 
