@@ -159,7 +159,8 @@ def child_environment() -> Dict[str, str]:
 
     gaspar_parent = str(Path(gaspar.__file__).resolve().parent.parent)
     env = dict(os.environ)
-    paths = [str(REPOSITORY_ROOT), gaspar_parent, env.get("PYTHONPATH", "")]
+    # The gaspar this process imported goes first, so the servers measure the same build.
+    paths = [gaspar_parent, str(REPOSITORY_ROOT), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path for path in paths if path))
     return env
 

@@ -44,14 +44,17 @@ def harness_run(tmp_path_factory):
         "--long-run-requests", str(LONG_RUN_REQUESTS),
         "--output-dir", str(output_dir),
     ]  # fmt: skip
+    # subprocess_env() puts the gaspar under test first on PYTHONPATH. The benchmarks
+    # package is not installed, so the repository root follows it. The working
+    # directory is not the root, where `python -m` would import gaspar/ from the
+    # working tree instead.
     env = subprocess_env()
-    # The benchmarks package is not installed; it is imported from the repository root.
-    env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY_ROOT), env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(REPOSITORY_ROOT)])
 
     # A session of its own, so a hung harness and every server it started go with one killpg().
     process = subprocess.Popen(
         command,
-        cwd=REPOSITORY_ROOT,
+        cwd=output_dir,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
