@@ -37,7 +37,11 @@ READ_BATCH = 16
 DRAIN_BEFORE_CLOSE = 256 * 1024
 
 # SO_LINGER on with a zero timeout: close() sends a reset and drops unsent data.
+# The listener carries it, and accepted sockets inherit it, so a connection
+# that dies with the process (SIGKILL, a crash) is reset, not closed cleanly:
+# a FIN would read as a successful empty or truncated reply.
 LINGER_RESET = struct.pack("ii", 1, 0)
+LINGER_OFF = struct.pack("ii", 0, 0)
 
 # No SIGPIPE when the client has gone: the send fails with EPIPE instead.
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -160,6 +164,7 @@ class Connection:
         """Close after a complete reply, so the client reads a FIN."""
         sock = self.sock
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
             drained = 0
             while drained < DRAIN_BEFORE_CLOSE:
                 data = sock.recv(65536)

@@ -11,7 +11,8 @@ which keeps record boundaries and carries file descriptors::
 
     producer -> server   SPAWN  worker id
     producer -> server   KILL   pid, signal number
-    producer -> server   QUIT   (stop every worker gracefully, then exit)
+    producer -> server   QUIT   kill timeout in ms, or -1 for the default
+                                (stop every worker, then exit)
     server -> producer   SPAWNED  worker id, pid   + the worker's sentinel fd
     server -> producer   EXITED   pid, wait status
     server -> producer   FORK_FAILED  worker id, errno
@@ -94,6 +95,7 @@ class ForkServer:
         self.control = control
         self.run_worker = run_worker
         self.kill_timeout = kill_timeout
+        self.quit_kill_timeout = kill_timeout
         self.selector = selectors.DefaultSelector()
         # pid -> the server's own copy of that worker's sentinel
         self.sentinels: Dict[int, int] = {}
@@ -102,9 +104,14 @@ class ForkServer:
     def serve(self) -> int:
         """Serve spawn and kill requests until the producer closes the socket."""
         # The producer decides when workers stop; a signal sent to the whole
-        # process group must not take the fork server down first.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # process group must not take the fork server down first. SIGTERM is
+        # blocked, not ignored: a new worker inherits the mask, so a SIGTERM
+        # that arrives before the worker installs its handler stays pending
+        # instead of being lost.
+        for signum in (signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         signal.set_wakeup_fd(-1)
 
         self.selector.register(self.control, selectors.EVENT_READ)
@@ -115,7 +122,7 @@ class ForkServer:
                 if key.fileobj is self.control:
                     command = self._handle_command()
                     if command == QUIT:
-                        self._stop_children(self.kill_timeout)
+                        self._stop_children(self.quit_kill_timeout)
                         return 0
                     if command is None:
                         self._stop_children(0.0)
@@ -139,7 +146,10 @@ class ForkServer:
         elif command == KILL:
             if first in self.children:
                 os.kill(first, second)
-        elif command != QUIT:
+        elif command == QUIT:
+            # The producer may ask for a shorter wait than the default.
+            self.quit_kill_timeout = first / 1000 if first >= 0 else self.kill_timeout
+        else:
             log.error("fork server: ignoring unknown command %r", command)
         return command
 

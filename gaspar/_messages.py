@@ -11,6 +11,8 @@ the kind byte then carries the MORE_FLAG bit.
     worker -> producer   READY    worker id    body: the worker's pid (!Q)
     worker -> producer   REPLY    request id   body: the handler's reply
     worker -> producer   FAILED   request id   body: empty (the handler raised)
+    worker -> producer   STOPPING worker id    body: empty (it received SIGTERM)
+    producer -> worker   STOP     0            body: empty (exit after the requests before this)
 
 A worker sets RECYCLE_FLAG in the kind of a REPLY or FAILED to ask to be
 replaced, because it went over its memory limit.
@@ -28,6 +30,8 @@ REQUEST = 1
 READY = 2
 REPLY = 3
 FAILED = 4
+STOPPING = 5
+STOP = 6
 
 MORE_FLAG = 0x80
 RECYCLE_FLAG = 0x40

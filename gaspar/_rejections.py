@@ -37,7 +37,11 @@ class RejectionLog:
         for cause, count in list(self._unlogged.items()):
             if count and (force or now - self._logged_at[cause] >= self.interval):
                 self.logger.warning(
-                    "rejected %d more requests: %s (%d in total)", count, cause, self.totals[cause]
+                    "rejected %d more %s: %s (%d in total)",
+                    count,
+                    "request" if count == 1 else "requests",
+                    cause,
+                    self.totals[cause],
                 )
                 self._logged_at[cause] = now
                 del self._unlogged[cause]

@@ -51,10 +51,10 @@ def die_with_parent() -> None:
 class WorkerLoop:
     """Receive requests, run the consumer and send replies until SIGTERM.
 
-    SIGTERM stops an idle worker at once and a busy one after its current
-    request, so a request it has started is not lost. SIGINT is ignored:
-    Ctrl-C in a terminal reaches the whole process group, and the producer
-    decides when workers stop.
+    SIGTERM makes the worker ask the producer to stop it, and it exits once
+    the producer's STOP arrives, after every request sent before it. SIGINT
+    and SIGHUP are ignored: a terminal sends them to the whole process group,
+    and the producer decides when workers stop.
     """
 
     def __init__(
@@ -86,6 +86,8 @@ class WorkerLoop:
         wake_write.setblocking(False)
         signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        # The fork server blocks SIGTERM; one sent during the fork is delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
         # A libzmq context does not survive fork(), so each worker makes its own.
         context = zmq.Context(io_threads=1)
@@ -100,6 +102,9 @@ class WorkerLoop:
                 log.exception("worker %d (pid %d): setup() of %r failed", self.worker_id, os.getpid(), self.consumer)
                 return EXIT_BOOT_ERROR
 
+            if _received_sigterm(wake_read):
+                # Stopped while booting: nothing was sent to this worker yet.
+                return EXIT_OK
             _messages.send_message(replies, _messages.READY, self.worker_id, _messages.PID.pack(os.getpid()))
             log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
             self._serve(requests, replies, wake_read)
@@ -113,32 +118,43 @@ class WorkerLoop:
             wake_write.close()
 
     def _serve(self, requests, replies, wake_read: socket.socket) -> None:
+        """Serve requests until the producer sends STOP.
+
+        On SIGTERM the worker sends STOPPING and keeps serving: the producer
+        stops sending it work and sends STOP behind the requests it already
+        sent, so none of them is lost.
+        """
         poller = zmq.Poller()
         poller.register(requests, zmq.POLLIN)
         wake_fd = wake_read.fileno()
         poller.register(wake_fd, zmq.POLLIN)
+        stopping = False
         while True:
             ready = dict(poller.poll())
-            if wake_fd in ready and _received_sigterm(wake_read):
-                return
-            if requests not in ready:
-                continue
+            if requests in ready:
+                kind, request_id, payload = _messages.receive_message(requests)
+                if kind == _messages.STOP:
+                    return
+                if kind == _messages.REQUEST:
+                    self._serve_one(replies, request_id, payload)
+                else:
+                    log.error("worker %d: ignoring message of unknown kind %d", self.worker_id, kind)
+            if wake_fd in ready and _received_sigterm(wake_read) and not stopping:
+                stopping = True
+                log.info("worker %d (pid %d) received SIGTERM; stopping after its requests", self.worker_id, os.getpid())
+                _messages.send_message(replies, _messages.STOPPING, self.worker_id)
 
-            # A SIGTERM that arrives now waits in the wake-up fd until the
-            # reply is sent: a started request is always finished.
-            kind, request_id, payload = _messages.receive_message(requests)
-            if kind != _messages.REQUEST:
-                log.error("worker %d: ignoring message of unknown kind %d", self.worker_id, kind)
-                continue
-            kind, reply = self._run_handler(request_id, payload.tobytes())
-            if self.max_memory is not None and resident_memory() > self.max_memory:
-                kind |= _messages.RECYCLE_FLAG
-            _messages.send_message(replies, kind, request_id, reply)
+    def _serve_one(self, replies, request_id: int, payload: memoryview) -> None:
+        kind, reply = self._run_handler(request_id, payload.tobytes())
+        if self.max_memory is not None and resident_memory() > self.max_memory:
+            kind |= _messages.RECYCLE_FLAG
+        _messages.send_message(replies, kind, request_id, reply)
 
     def _run_handler(self, request_id: int, message: bytes):
         try:
             return _messages.REPLY, reply_to_buffer(self.consumer.handle(message))
-        except Exception:
+        except (Exception, SystemExit, KeyboardInterrupt):
+            # sys.exit() in a handler fails its request, not the worker.
             log.exception(
                 "worker %d (pid %d): handler failed on request %d",
                 self.worker_id,

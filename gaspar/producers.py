@@ -29,7 +29,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 import zmq
 
 from gaspar import _messages
-from gaspar._connection import DISPATCHED, QUEUED, READING, WRITING, ClientClosed, Connection
+from gaspar._connection import DISPATCHED, LINGER_RESET, QUEUED, READING, WRITING, ClientClosed, Connection
 from gaspar._dispatch import Dispatcher
 from gaspar._options import resolve_options
 from gaspar._rejections import RejectionLog
@@ -155,10 +155,15 @@ class Producer:
         """
         if self._active:
             raise RuntimeError("the producer is already started")
+        restore_signals: Callable[[], None] = lambda: None
         try:
             self._setup()
+            if blocking:
+                # Before the workers start, so a SIGTERM during startup is not fatal.
+                restore_signals = self._install_signal_handlers()
             self._start_workers()
         except BaseException:
+            restore_signals()
             self._teardown()
             raise
 
@@ -167,10 +172,10 @@ class Producer:
         self.running.set()
         self._update_accepting()
         log.info(
-            "listening on %s with %d workers (framing: %s, max request size: %d bytes, "
+            "listening on %s with %s (framing: %s, max request size: %d bytes, "
             "max in flight: %d, max connections: %d, handler timeout: %s)",
             self.address,
-            self.processes,
+            _count(self.processes, "worker"),
             _framing_implementation(),
             self.max_request_size,
             self.max_in_flight,
@@ -184,7 +189,6 @@ class Producer:
             return
 
         self._loop_thread = threading.current_thread()
-        restore_signals = self._install_signal_handlers()
         try:
             self._serve_forever()
         finally:
@@ -232,6 +236,7 @@ class Producer:
         self._error = None
         self._stop_requested = False
         self._stopping = False
+        self._stop_immediately = False
         self._drain_deadline = 0.0
         self._listener: Optional[socket.socket] = None
         self._accepting = False
@@ -292,6 +297,8 @@ class Producer:
                 errors.append(exc)
                 continue
             listener.setblocking(False)
+            # Accepted sockets inherit this: see LINGER_RESET.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             return listener
 
         raise StartupError(
@@ -318,15 +325,20 @@ class Producer:
     def _teardown(self) -> None:
         for conn in list(self._connections.values()):
             self._fail_request(conn, STOPPING, "the producer stopped")
-        for worker in self.forker.workers.values():
-            if worker.push is not None:
-                worker.push.close(linger=0)
-                worker.push = None
+        workers = list(self.forker.workers.values())
+        for worker in workers:
+            self._stop_worker(worker)
         # The Forker closes the sentinels, so the selector goes first.
         self._selector.close()
 
-        for event in self.forker.close():
+        # The reply socket stays open meanwhile, so workers can flush on exit.
+        kill_timeout = 0.0 if self._stop_immediately else None
+        for event in self.forker.close(kill_timeout):
             self._log_forker_event(event)
+        for worker in workers:
+            if worker.push is not None:
+                worker.push.close(linger=0)
+                worker.push = None
 
         if self._listener is not None:
             self._listener.close()
@@ -344,11 +356,11 @@ class Producer:
         self._rejections.flush(time.monotonic(), force=True)
 
     def _install_signal_handlers(self) -> Callable[[], None]:
-        """Route SIGINT and SIGTERM to the loop; return a function that undoes it."""
+        """Route SIGINT, SIGTERM and SIGHUP to the loop; return a function that undoes it."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
-        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         # The wake-up fd delivers the signal number to the loop; the Python
         # handler has nothing left to do.
         for signum in previous:
@@ -429,10 +441,19 @@ class Producer:
                 name = signal.Signals(value).name
                 if self._stopping:
                     log.warning("second %s received: stopping now", name)
-                    self._drain_deadline = time.monotonic()
+                    self._stop_now()
                 else:
                     log.info("%s received: stopping gracefully", name)
                     self._begin_stop()
+            elif value == signal.SIGHUP:
+                self._restart_workers("SIGHUP received")
+
+    def _restart_workers(self, reason: str) -> None:
+        """Replace every worker without failing a request, as with max_requests."""
+        workers = list(self._dispatcher.ready)
+        log.info("%s: replacing all %d workers", reason, len(workers))
+        for worker in workers:
+            self._recycle(worker, reason)
 
     # -- stopping -----------------------------------------------------------
 
@@ -440,6 +461,7 @@ class Producer:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_immediately = False
         self._drain_deadline = time.monotonic() + self.graceful_timeout
         self._update_accepting()
         if self._listener is not None:
@@ -455,10 +477,19 @@ class Producer:
             self.graceful_timeout,
         )
 
+    def _stop_now(self) -> None:
+        """End the drain: fail what is left and kill the workers without waiting."""
+        self._begin_stop()
+        self._stop_immediately = True
+        self._drain_deadline = time.monotonic()
+
     def _finish_stop(self) -> None:
         left = len(self._connections)
         if left:
-            log.warning("failing %d requests still unanswered after the graceful timeout", left)
+            reason = "at an immediate stop" if self._stop_immediately else "after the graceful timeout"
+            log.warning("failing %s still unanswered %s", _count(left, "request"), reason)
+            # Their replies would be dropped, so workers need not finish them.
+            self._stop_immediately = True
         self._teardown()
         self._active = False
         self.running.clear()
@@ -693,6 +724,8 @@ class Producer:
             kind, value, body = _messages.receive_message(replies)
             if kind == _messages.READY:
                 self._handle_ready(value, _messages.PID.unpack(body)[0])
+            elif kind == _messages.STOPPING:
+                self._handle_worker_stopping(value)
             else:
                 self._handle_reply(kind, value, body)
         self._replies_pending = True
@@ -709,8 +742,6 @@ class Producer:
             self._recycle(worker, f"is above the memory limit of {self.max_worker_memory} MiB")
         elif worker.max_served is not None and worker.served >= worker.max_served:
             self._recycle(worker, f"served {worker.served} requests")
-        if worker.retiring and not worker.in_flight and worker not in dispatcher.ready:
-            self._stop_worker(worker)
         if dispatcher.queue:
             for failed, exc in dispatcher.send_queued(time.monotonic()):
                 self._fail_request(failed, SEND_FAILED, str(exc))
@@ -728,11 +759,7 @@ class Producer:
             # READY overtook the fork server's SPAWNED record.
             self._early_ready[worker_id] = pid
             return
-        push = self._context.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(self._request_endpoint(worker_id))
-        worker.push = push
+        self._connect_worker(worker)
         worker.ready = True
         if self.max_requests is not None:
             worker.max_served = self.max_requests + random.randint(0, self.max_requests_jitter)
@@ -745,8 +772,7 @@ class Producer:
         for old in dispatcher.ready:
             if old.retiring:
                 dispatcher.pause_worker(old)
-                if not old.in_flight:
-                    self._stop_worker(old)
+                self._stop_worker(old)
                 break
         if dispatcher.queue:
             for failed, exc in dispatcher.send_queued(time.monotonic()):
@@ -761,10 +787,39 @@ class Producer:
         self._counters["worker_restarts"] += 1
         self.forker.spawn()
 
+    def _connect_worker(self, worker: WorkerProcess) -> None:
+        push = self._context.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        # Long enough to deliver a STOP at teardown; 0MQ queues a message sent
+        # before the worker binds, so this also reaches a worker still booting.
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self._request_endpoint(worker.worker_id))
+        worker.push = push
+
     def _stop_worker(self, worker: WorkerProcess) -> None:
-        if not worker.stop_sent:
-            worker.stop_sent = True
-            self.forker.kill(worker, signal.SIGTERM)
+        """Send STOP: the worker exits after the requests already sent to it."""
+        if worker.stop_sent or worker.sentinel < 0:
+            return
+        worker.stop_sent = True
+        if worker.push is None:
+            self._connect_worker(worker)
+        try:
+            _messages.send_message(worker.push, _messages.STOP, 0)
+        except zmq.ZMQError as exc:
+            log.warning("worker %d (pid %d): sending STOP failed: %s", worker.worker_id, worker.pid, exc)
+
+    def _handle_worker_stopping(self, worker_id: int) -> None:
+        """Replace a worker that received SIGTERM, and let it finish what it holds.
+
+        While the producer itself is stopping, the worker keeps serving until
+        the drain ends: systemd sends SIGTERM to every process of the service.
+        """
+        worker = self.forker.workers.get(worker_id)
+        if worker is None or worker.stop_sent or self._stopping:
+            return
+        self._recycle(worker, "received SIGTERM")
+        self._dispatcher.pause_worker(worker)
+        self._stop_worker(worker)
 
     def _handle_forker_events(self, fd, mask) -> None:
         events = self.forker.receive_events()
@@ -802,12 +857,12 @@ class Producer:
         lost = self._dispatcher.remove_worker(worker)
         for conn in lost:
             self._fail_request(conn, WORKER_DIED, f"worker {worker.worker_id} (pid {worker.pid}) died")
-        if lost or not (self._stopping or worker.stop_sent or worker.timed_out):
+        if lost or not (self._stopping or worker.stop_sent or worker.timed_out or not worker.ready):
             log.warning(
-                "worker %d (pid %d) died; failed the %d requests it held",
+                "worker %d (pid %d) died; %s failed with it",
                 worker.worker_id,
                 worker.pid,
-                len(lost),
+                _count(len(lost), "request it held", "requests it held"),
             )
 
     def _handle_exit(self, worker: WorkerProcess) -> None:
@@ -830,9 +885,9 @@ class Producer:
             self._error = StartupError(f"{reason}; see the worker's log above")
             return
         self._boot_failures += 1
-        if self._boot_failures > MAX_BOOT_FAILURES:
+        if self._boot_failures >= MAX_BOOT_FAILURES:
             self._fail(
-                StartupError(f"{reason}; {MAX_BOOT_FAILURES} replacement workers failed in a row, giving up")
+                StartupError(f"{reason}; {MAX_BOOT_FAILURES} workers in a row failed to start, giving up")
             )
             return
         delay = BOOT_RETRY_DELAY * 2 ** (self._boot_failures - 1)
@@ -842,8 +897,7 @@ class Producer:
     def _fail(self, error: BaseException) -> None:
         log.error("stopping: %s", error)
         self._error = error
-        self._begin_stop()
-        self._drain_deadline = time.monotonic()
+        self._stop_now()
 
     def _log_forker_event(self, event) -> None:
         kind, subject, value = event
@@ -873,6 +927,11 @@ class Producer:
 
     def _reply_endpoint(self) -> str:
         return f"ipc://{self._runtime_dir}/replies"
+
+
+def _count(number: int, singular: str, plural: Optional[str] = None) -> str:
+    """Return "1 worker" or "3 workers"."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def _framing_implementation() -> str:

@@ -137,7 +137,8 @@ class Forker:
     @property
     def processes(self) -> List[WorkerProcess]:
         """The workers that are running now."""
-        return [worker for worker in self.workers.values() if worker.is_alive()]
+        # A copy, because the producer's thread changes the dict.
+        return [worker for worker in list(self.workers.values()) if worker.is_alive()]
 
     def start(self) -> None:
         """Fork the fork server. Call it before the process starts any thread."""
@@ -204,17 +205,19 @@ class Forker:
             return EXITED, worker, second
         return FORK_FAILED, first, second
 
-    def close(self) -> List[Event]:
+    def close(self, kill_timeout: Optional[float] = None) -> List[Event]:
         """Stop every worker and the fork server; return the last events.
 
-        Workers get SIGTERM and, after the kill timeout, SIGKILL. Returns once
-        the fork server has reaped every worker and has been reaped itself.
+        Workers get SIGTERM and, after ``kill_timeout`` seconds (default: the
+        Forker's), SIGKILL; with 0 they get SIGKILL at once. Returns once the
+        fork server has reaped every worker and has been reaped itself.
         """
         if self._control is None:
             return []
         events: List[Event] = []
+        milliseconds = -1 if kill_timeout is None else int(kill_timeout * 1000)
         try:
-            self._send(_forkserver.QUIT, 0, 0)
+            self._send(_forkserver.QUIT, milliseconds, 0)
             self._control.shutdown(socket.SHUT_WR)
         except OSError:
             pass

@@ -34,7 +34,7 @@ PASSWORD = b"hunter2"
 # What gaspar.examples:scrypt_hash must return, computed here independently.
 PASSWORD_DIGEST = hashlib.scrypt(PASSWORD, salt=b"gaspar-example-salt", n=2**14, r=8, p=1).hex().encode("ascii")
 
-LISTENING = re.compile(r"listening on (\S+):(\d+) with (\d+) workers")
+LISTENING = re.compile(r"listening on (\S+):(\d+) with (\d+) workers?\b")
 
 # A handler for `gaspar serve`, written to a module on the child's PYTHONPATH.
 HANDLERS_SOURCE = '''

@@ -92,14 +92,8 @@ def failed_outcomes(futures) -> list:
 
 
 def live_workers(producer) -> list:
-    """Return the producer's live workers, like producer.forker.processes, from any thread.
-
-    NOTE: Forker.processes iterates the workers dict while the producer's
-    loop thread may add or remove workers, so reading it from another thread
-    can raise RuntimeError (see test_forker_processes_thread_safe). list()
-    copies the dict's values in one step under the GIL.
-    """
-    return [worker for worker in list(producer.forker.workers.values()) if worker.is_alive()]
+    """Return the producer's live workers; safe from any thread."""
+    return producer.forker.processes
 
 
 def wait_settled(producer, count: int) -> list:
@@ -280,7 +274,7 @@ def test_worker_death_fails_its_request(start_producer, caplog, death):
 
     worker_name = f"worker {doomed_worker.worker_id} (pid {doomed_worker.pid})"
     died = log_messages(caplog, re.escape(f"{worker_name} died;"))
-    assert died == [f"{worker_name} died; failed the 1 requests it held"]
+    assert died == [f"{worker_name} died; 1 request it held failed with it"]
     exited = wait_for(
         lambda: log_messages(caplog, re.escape(f"{worker_name} {exit_description}")), 10, "the exit status log line"
     )
@@ -317,12 +311,13 @@ def test_replacement_boot_failure_stops(start_producer, caplog, monkeypatch, tmp
     assert not producer.running.is_set()
 
     retries = [record for record in caplog.records if "retrying in" in record.getMessage()]
-    assert len(retries) == gaspar.producers.MAX_BOOT_FAILURES
+    # Every failure but the last is retried.
+    assert len(retries) == gaspar.producers.MAX_BOOT_FAILURES - 1
     # The retry delay doubles each time; record.created is when the line was logged.
     for number, (earlier, later) in enumerate(zip(retries, retries[1:])):
         assert later.created - earlier.created >= 0.05 * 2**number
     gave_up = log_messages(
-        caplog, r"^stopping: .*before it was ready; 5 replacement workers failed in a row, giving up$"
+        caplog, r"^stopping: .*before it was ready; 5 workers in a row failed to start, giving up$"
     )
     assert len(gave_up) == 1
     gave_up_record = [record for record in caplog.records if record.getMessage() == gave_up[0]][0]
@@ -394,11 +389,6 @@ def test_max_requests_rotates_workers(start_producer):
     wait_settled(producer, 2)
 
 
-@pytest.mark.xfail(
-    reason="Forker.processes iterates the workers dict while the producer's loop thread adds and "
-    "removes workers, so reading it from another thread raises RuntimeError",
-    strict=True,
-)
 def test_forker_processes_thread_safe(start_producer):
     # max_requests=1 replaces a worker after every request, so the dict changes often.
     producer = start_producer(handle_command, processes=2, max_requests=1, max_requests_jitter=0)
@@ -426,11 +416,6 @@ def test_forker_processes_thread_safe(start_producer):
     assert errors == []
 
 
-@pytest.mark.xfail(
-    reason="a worker forked just before stop() inherits SIGTERM ignored from the fork server, so the "
-    "fork server's SIGTERM is lost and the worker is only SIGKILLed after kill_timeout",
-    strict=True,
-)
 def test_stop_during_worker_boot(monkeypatch):
     """stop() while a replacement worker is starting returns without waiting for kill_timeout.
 
@@ -697,11 +682,6 @@ def test_producer_sigkill_ends_workers(run_daemon):
     assert time.monotonic() - killed_at < 2.5
 
 
-@pytest.mark.xfail(
-    reason="when the producer process dies, the kernel closes its client sockets with a FIN, "
-    "so a request in flight reads as an empty reply instead of a reset",
-    strict=True,
-)
 def test_producer_sigkill_resets_clients(run_daemon):
     daemon = run_daemon()
 
@@ -735,11 +715,6 @@ def test_daemon_signal_drains(run_daemon, signum):
     assert time.monotonic() - signalled_at < 10
 
 
-@pytest.mark.xfail(
-    reason="after the drain ends, Forker.close() sends SIGTERM, which a busy worker defers until its "
-    "handler returns, so the daemon waits for the failed request's handler or kill_timeout (10 s)",
-    strict=True,
-)
 def test_daemon_second_sigterm_stops_now(run_daemon):
     daemon = run_daemon(graceful_timeout=30)
 
@@ -758,11 +733,6 @@ def test_daemon_second_sigterm_stops_now(run_daemon):
     assert daemon.exit_code(2.5) == 0
 
 
-@pytest.mark.xfail(
-    reason="after the drain ends, Forker.close() sends SIGTERM, which a busy worker defers until its "
-    "handler returns, so the daemon waits for the failed request's handler or kill_timeout (10 s)",
-    strict=True,
-)
 def test_daemon_graceful_timeout_expires(run_daemon):
     daemon = run_daemon(graceful_timeout=1)
 
@@ -844,3 +814,81 @@ def test_restart_cycles_leak_nothing(reuse):
     assert [reply.split(b":", 1)[1] for reply in replies] == [b"cycle %d" % number for number in range(1, 21)]
     for resource_name in before:
         assert after[resource_name] == before[resource_name], resource_name
+
+
+# -- Signals to workers and the whole process tree -------------------------------
+
+
+def test_daemon_sighup_replaces_workers(run_daemon):
+    daemon = run_daemon()
+    old_pids = set(daemon.worker_pids)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        in_flight = [pool.submit(timed_request, daemon.address, b"800 hup-%d" % number) for number in range(4)]
+        daemon.wait_started("hup-0")
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for_line(r"SIGHUP received: replacing all 2 workers", 10)
+        failures = failed_outcomes(in_flight)
+
+    assert failures == []
+    new_ready = wait_for(
+        lambda: [int(pid) for pid in re.findall(r"worker (?:3|4) \(pid (\d+)\) ready", daemon.log_text())],
+        10,
+        "two replacement workers",
+    )
+    assert len(new_ready) == 2
+    assert set(new_ready).isdisjoint(old_pids)
+    wait_for(lambda: all(process_gone(pid) for pid in old_pids), 10, "the old workers to exit")
+    assert client.request(daemon.address, b"0 after-hup", timeout=10) == b"0 after-hup"
+    assert daemon.process.poll() is None
+
+
+def test_daemon_tree_sigterm_answers_all(run_daemon):
+    """SIGTERM to every process of the daemon, as systemd's default KillMode sends it."""
+    daemon = run_daemon()
+    fork_server_pid = parent_pid(daemon.worker_pids[0])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        # Two requests run and two wait in the producer's queue.
+        in_flight = [pool.submit(timed_request, daemon.address, b"1000 tree-%d" % number) for number in range(4)]
+        daemon.wait_started("tree-0")
+        daemon.wait_started("tree-1")
+        for pid in [daemon.process.pid, fork_server_pid] + daemon.worker_pids:
+            os.kill(pid, signal.SIGTERM)
+        failures = failed_outcomes(in_flight)
+
+    assert failures == []
+    assert daemon.exit_code(20) == 0
+
+
+def test_worker_sigterm_replaced_gracefully(start_producer):
+    producer = start_producer(handle_command, processes=2)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        held = pool.submit(timed_request, producer.address, b"sleep 500 held")
+        wait_for(lambda: busy_workers(producer), 10, "a worker to hold the request")
+        holder = busy_workers(producer)[0]
+        os.kill(holder.pid, signal.SIGTERM)
+        outcome, _ = held.result()
+
+    assert isinstance(outcome, bytes)
+    assert served_by(outcome) == holder.pid
+    wait_for(lambda: process_gone(holder.pid), 10, "the worker that received SIGTERM to exit")
+    workers = wait_settled(producer, 2)
+    assert holder.pid not in {worker.pid for worker in workers}
+    assert producer.stats()["failed"] == {}
+
+
+def test_handler_sys_exit_fails_request(start_producer):
+    def exit_on_request(message):
+        if message == b"exit":
+            raise SystemExit(5)
+        return b"%d" % os.getpid()
+
+    producer = start_producer(exit_on_request, processes=1)
+    before = client.request(producer.address, b"pid", timeout=10)
+
+    with pytest.raises(gaspar.RequestFailed):
+        client.request(producer.address, b"exit", timeout=10)
+
+    assert client.request(producer.address, b"pid", timeout=10) == before
