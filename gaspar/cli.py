@@ -94,16 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("target", metavar="MODULE:ATTR", help="the handler to serve, as gaspar.examples:echo")
     serve.add_argument(
-        "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default: %(default)s)"
+        "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on; env GASPAR_HOST (default: %(default)s)"
     )
     serve.add_argument(
-        "--port", type=int, default=_env("PORT", "10123"), help="TCP port; 0 picks a free one (default: %(default)s)"
+        "--port", type=int, default=_env("PORT", "10123"), help="TCP port; 0 picks a free one; env GASPAR_PORT (default: %(default)s)"
     )
     serve.add_argument(
         "--workers",
         type=int,
         default=_env("WORKERS", str(os.cpu_count() or 1)),
-        help="number of worker processes (default: the number of CPUs, %(default)s)",
+        help="number of worker processes; env GASPAR_WORKERS (default: the number of CPUs, %(default)s)",
     )
     for option in OPTIONS:
         _add_limit(serve, option)
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="lowest level of log messages to print (default: %(default)s)",
+        help="lowest level of log messages to print; env GASPAR_LOG_LEVEL (default: %(default)s)",
     )
 
     send = commands.add_parser(
