@@ -6,6 +6,18 @@ import collections
 import logging
 from typing import Dict
 
+# Causes of failed requests, as logged and counted in Producer.stats().
+TOO_LARGE = "request too large"
+READ_TIMEOUT = "read timeout"
+HANDLER_ERROR = "handler raised"
+WORKER_DIED = "worker died"
+TIMEOUT = "handler timeout"
+CLIENT_LEFT = "client left"
+STOPPING = "server stopping"
+SEND_FAILED = "send to worker failed"
+# Not a failed request: the connection waits in the listen backlog.
+ACCEPT_FAILED = "accept failed"
+
 
 class RejectionLog:
     """Counts rejections per cause and logs them at most once per interval per cause.

@@ -2,21 +2,18 @@
 
 One thread runs one ``selectors`` loop over the listening socket, every
 client connection, the 0MQ socket that carries replies, the fork server's
-control socket and each worker's sentinel. gaspar._connection holds the
-socket I/O of a connection, gaspar._dispatch the record of which worker
-holds which request, and gaspar.workers the worker processes.
+control socket and each worker's sentinel. This module reads requests and
+writes replies; gaspar._connection does the socket I/O of one connection,
+gaspar._dispatch records which worker has which request, gaspar._supervisor
+keeps the workers running, and gaspar._loop runs the selector and timers.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import functools
-import heapq
-import itertools
 import logging
 import os
-import random
 import selectors
 import shutil
 import signal
@@ -24,19 +21,29 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 import zmq
 
 from gaspar import _messages
 from gaspar._connection import DISPATCHED, LINGER_RESET, QUEUED, READING, WRITING, ClientClosed, Connection
 from gaspar._dispatch import Dispatcher
+from gaspar._loop import EventLoop
 from gaspar._options import resolve_options
-from gaspar._rejections import RejectionLog
-from gaspar._worker import WorkerLoop
+from gaspar._rejections import (
+    ACCEPT_FAILED,
+    CLIENT_LEFT,
+    HANDLER_ERROR,
+    READ_TIMEOUT,
+    SEND_FAILED,
+    STOPPING,
+    TOO_LARGE,
+    RejectionLog,
+)
+from gaspar._supervisor import Supervisor, count_text
 from gaspar.consumers import Consumer, Handler, as_consumer
-from gaspar.errors import FrameTooLarge, GasparError, StartupError
-from gaspar.workers import EXITED, FORK_FAILED, SPAWNED, Forker, WorkerProcess, describe_wait_status
+from gaspar.errors import FrameTooLarge, StartupError
+from gaspar.workers import Forker
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +53,11 @@ ACCEPT_BATCH = 128
 REPLY_BATCH = 256
 # How long accepting pauses after the process runs out of file descriptors.
 ACCEPT_PAUSE = 0.5
-# Workers that may fail to become ready in a row, after startup, before the
-# producer gives up; the retry delay doubles from BOOT_RETRY_DELAY seconds.
-MAX_BOOT_FAILURES = 5
-BOOT_RETRY_DELAY = 0.5
 # Maximum time the loop sleeps, in seconds, so periodic work (log summaries) still runs.
 MAX_POLL_TIMEOUT = 1.0
 
 _LOOP_THREAD_NAME = "gaspar-producer"
 _ACCEPT_ERRNOS_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-# Causes of failed requests, as logged and counted.
-TOO_LARGE = "request too large"
-READ_TIMEOUT = "read timeout"
-HANDLER_ERROR = "handler raised"
-WORKER_DIED = "worker died"
-TIMEOUT = "handler timeout"
-CLIENT_LEFT = "client left"
-STOPPING = "server stopping"
-SEND_FAILED = "send to worker failed"
-# Not a failed request: the connection waits in the listen backlog.
-ACCEPT_FAILED = "accept failed"
 
 
 def format_address(host: str, port: int) -> str:
@@ -122,6 +113,7 @@ class Producer:
         self.backlog: int = values["backlog"]
 
         self.forker = Forker(self._run_worker, kill_timeout=values["kill_timeout"])
+        self._supervisor: Optional[Supervisor] = None
         self.server_addr: Optional[Tuple[str, int]] = None
         self.running = threading.Event()
         self.stopped = threading.Event()
@@ -160,7 +152,9 @@ class Producer:
             self._setup()
             if blocking:
                 # Before the workers start, so a SIGTERM during startup is not fatal.
-                restore_signals = self._install_signal_handlers()
+                restore_signals = self._loop.install_signal_handlers(
+                    (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                )
             self._start_workers()
         except BaseException:
             restore_signals()
@@ -168,6 +162,7 @@ class Producer:
             raise
 
         self._active = True
+        self._supervisor.started = True
         self.stopped.clear()
         self.running.set()
         self._update_accepting()
@@ -175,7 +170,7 @@ class Producer:
             "listening on %s with %s (framing: %s, max request size: %d bytes, "
             "max in flight: %d, max connections: %d, handler timeout: %s)",
             self.address,
-            _count(self.processes, "worker"),
+            count_text(self.processes, "worker"),
             _framing_implementation(),
             self.max_request_size,
             self.max_in_flight,
@@ -206,7 +201,7 @@ class Producer:
         if not self._active:
             return
         self._stop_requested = True
-        self._wake()
+        self._loop.wake()
         thread = self._loop_thread
         if thread is threading.current_thread():
             return
@@ -225,7 +220,7 @@ class Producer:
             "accept_errors": self._rejections.totals[ACCEPT_FAILED],
             "in_flight": len(dispatcher.in_flight) if dispatcher else 0,
             "queued": len(dispatcher.queue) if dispatcher else 0,
-            "worker_restarts": counters["worker_restarts"],
+            "worker_restarts": self._supervisor.restarts if self._supervisor else 0,
             "workers": {worker.pid: worker.served for worker in list(self.forker.workers.values())},
         }
 
@@ -245,10 +240,7 @@ class Producer:
         self._replies = None
         self._replies_pending = False
         self._runtime_dir: Optional[str] = None
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._loop = EventLoop(on_wake=self._handle_stop_request, on_signal=self._handle_signal)
 
         self._dispatcher = Dispatcher(self.prefetch, self.timeout)
         self._connections: Dict[int, Connection] = {}
@@ -261,27 +253,36 @@ class Producer:
         # Connections waiting for the client to take the rest of its reply.
         self._writing: set = set()
         self._next_write_check = 0.0
-        self._early_ready: Dict[int, int] = {}
-        self._timers: List[Tuple[float, int, Callable[[], None]]] = []
-        self._timer_ids = itertools.count()
-        self._boot_failures = 0
 
         self._runtime_dir = tempfile.mkdtemp(prefix="gaspar-")
+        self._supervisor = Supervisor(
+            self.consumer,
+            self.forker,
+            self._dispatcher,
+            self._loop,
+            self._runtime_dir,
+            max_requests=self.max_requests,
+            max_requests_jitter=self.max_requests_jitter,
+            max_worker_memory=self.max_worker_memory,
+            timeout=self.timeout,
+            fail_request=self._fail_request,
+            fail=self._fail,
+        )
         # Fork the fork server first: this process runs no thread of ours yet,
         # and holds no listening socket or 0MQ context for workers to inherit.
         self.forker.start()
-        self._selector.register(self.forker.fileno(), selectors.EVENT_READ, self._handle_forker_events)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._handle_wake)
+        self._loop.register(self.forker.fileno(), selectors.EVENT_READ, self._supervisor.handle_forker_events)
 
         self._listener = self._listen()
         self.server_addr = self._listener.getsockname()[:2]
 
         self._context = zmq.Context(io_threads=1)
+        self._supervisor.context = self._context
         self._replies = self._context.socket(zmq.PULL)
         self._replies.setsockopt(zmq.RCVHWM, 0)
         self._replies.setsockopt(zmq.LINGER, 0)
-        self._replies.bind(self._reply_endpoint())
-        self._selector.register(self._replies.getsockopt(zmq.FD), selectors.EVENT_READ, self._drain_replies)
+        self._replies.bind(self._supervisor.reply_endpoint())
+        self._loop.register(self._replies.getsockopt(zmq.FD), selectors.EVENT_READ, self._drain_replies)
 
     def _listen(self) -> socket.socket:
         try:
@@ -307,11 +308,12 @@ class Producer:
         ) from errors[0]
 
     def _start_workers(self) -> None:
-        for _ in range(self.processes):
-            self.forker.spawn()
+        self._supervisor.spawn(self.processes)
 
         deadline = time.monotonic() + self.startup_timeout
         while len(self._dispatcher.ready) < self.processes:
+            if self._supervisor.startup_error is not None:
+                raise self._supervisor.startup_error
             if self._error is not None:
                 raise self._error
             remaining = deadline - time.monotonic()
@@ -325,20 +327,10 @@ class Producer:
     def _teardown(self) -> None:
         for conn in list(self._connections.values()):
             self._fail_request(conn, STOPPING, "the producer stopped")
-        workers = list(self.forker.workers.values())
-        for worker in workers:
-            self._stop_worker(worker)
-        # The Forker closes the sentinels, so the selector goes first.
-        self._selector.close()
-
-        # The reply socket stays open meanwhile, so workers can flush on exit.
-        kill_timeout = 0.0 if self._stop_immediately else None
-        for event in self.forker.close(kill_timeout):
-            self._log_forker_event(event)
-        for worker in workers:
-            if worker.push is not None:
-                worker.push.close(linger=0)
-                worker.push = None
+        if self._supervisor is not None:
+            # The reply socket stays open meanwhile, so workers can flush on exit.
+            self._supervisor.stop_all(kill_now=self._stop_immediately)
+        self._loop.close()
 
         if self._listener is not None:
             self._listener.close()
@@ -349,30 +341,9 @@ class Producer:
         if self._context is not None:
             self._context.term()
             self._context = None
-        self._wake_r.close()
-        self._wake_w.close()
         if self._runtime_dir is not None:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
         self._rejections.flush(time.monotonic(), force=True)
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        """Route SIGINT, SIGTERM and SIGHUP to the loop; return a function that undoes it."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        # The wake-up fd delivers the signal number to the loop; the Python
-        # handler has nothing left to do.
-        for signum in previous:
-            signal.signal(signum, lambda signum, frame: None)
-        previous_wakeup_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-
-        def restore() -> None:
-            signal.set_wakeup_fd(previous_wakeup_fd)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-        return restore
 
     # -- the loop ---------------------------------------------------------
 
@@ -389,24 +360,21 @@ class Producer:
     def _poll(self, timeout: float) -> None:
         if self._replies_pending:
             timeout = 0
-        for key, mask in self._selector.select(timeout):
-            key.data(key.fileobj, mask)
+        self._loop.run_once(timeout)
         if self._replies_pending:
             self._drain_replies(None, 0)
 
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, callback = heapq.heappop(self._timers)
-            callback()
         self._expire_reads(now)
         self._expire_writes(now)
-        self._expire_requests(now)
+        self._supervisor.expire_requests(now)
         self._rejections.flush(now)
 
     def _next_timeout(self) -> float:
         deadlines = [MAX_POLL_TIMEOUT + time.monotonic()]
-        if self._timers:
-            deadlines.append(self._timers[0][0])
+        timer = self._loop.next_timer()
+        if timer is not None:
+            deadlines.append(timer)
         if self._reading:
             deadlines.append(self._reading[0].read_deadline)
         if self._writing:
@@ -418,42 +386,20 @@ class Producer:
             deadlines.append(self._drain_deadline)
         return max(min(deadlines) - time.monotonic(), 0.0)
 
-    def _call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), callback))
+    def _handle_stop_request(self) -> None:
+        if self._stop_requested:
+            self._begin_stop()
 
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            # A full buffer already holds a wake-up; a closed one means stopped.
-            pass
-
-    def _handle_wake(self, sock, mask) -> None:
-        try:
-            data = self._wake_r.recv(4096)
-        except BlockingIOError:
-            return
-        for value in data:
-            if value == 0:
-                if self._stop_requested:
-                    self._begin_stop()
-            elif value in (signal.SIGINT, signal.SIGTERM):
-                name = signal.Signals(value).name
-                if self._stopping:
-                    log.warning("second %s received: stopping now", name)
-                    self._stop_now()
-                else:
-                    log.info("%s received: stopping gracefully", name)
-                    self._begin_stop()
-            elif value == signal.SIGHUP:
-                self._restart_workers("SIGHUP received")
-
-    def _restart_workers(self, reason: str) -> None:
-        """Replace every worker without failing a request, as with max_requests."""
-        workers = list(self._dispatcher.ready)
-        log.info("%s: replacing all %d workers", reason, len(workers))
-        for worker in workers:
-            self._recycle(worker, reason)
+    def _handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            self._supervisor.restart_all(f"{name} received")
+        elif self._stopping:
+            log.warning("second %s received: stopping now", name)
+            self._stop_now()
+        else:
+            log.info("%s received: stopping gracefully", name)
+            self._begin_stop()
 
     # -- stopping -----------------------------------------------------------
 
@@ -461,6 +407,7 @@ class Producer:
         if self._stopping:
             return
         self._stopping = True
+        self._supervisor.stopping = True
         self._stop_immediately = False
         self._drain_deadline = time.monotonic() + self.graceful_timeout
         self._update_accepting()
@@ -477,6 +424,12 @@ class Producer:
             self.graceful_timeout,
         )
 
+    def _fail(self, error: BaseException) -> None:
+        """Stop the producer for good because of ``error``, which start() raises when blocking."""
+        log.error("stopping: %s", error)
+        self._error = error
+        self._stop_now()
+
     def _stop_now(self) -> None:
         """End the drain: fail what is left and kill the workers without waiting."""
         self._begin_stop()
@@ -487,7 +440,7 @@ class Producer:
         left = len(self._connections)
         if left:
             reason = "at an immediate stop" if self._stop_immediately else "after the graceful timeout"
-            log.warning("failing %s still unanswered %s", _count(left, "request"), reason)
+            log.warning("failing %s still unanswered %s", count_text(left, "request"), reason)
             # Their replies would be dropped, so workers need not finish them.
             self._stop_immediately = True
         self._teardown()
@@ -511,9 +464,9 @@ class Producer:
         if want == self._accepting:
             return
         if want:
-            self._selector.register(self._listener, selectors.EVENT_READ, self._accept)
+            self._loop.register(self._listener, selectors.EVENT_READ, self._accept)
         else:
-            self._selector.unregister(self._listener)
+            self._loop.unregister(self._listener)
         self._accepting = want
 
     def _accept(self, listener, mask) -> None:
@@ -550,17 +503,17 @@ class Producer:
         )
         self._accept_blocked_until = time.monotonic() + ACCEPT_PAUSE
         self._update_accepting()
-        self._call_later(ACCEPT_PAUSE, self._update_accepting)
+        self._loop.call_later(ACCEPT_PAUSE, self._update_accepting)
 
     def _watch(self, conn: Connection, events: int) -> None:
         if conn.events == events:
             return
         if conn.events == 0:
-            self._selector.register(conn.sock, events, self._handle_connection)
+            self._loop.register(conn.sock, events, self._handle_connection)
         elif events == 0:
-            self._selector.unregister(conn.sock)
+            self._loop.unregister(conn.sock)
         else:
-            self._selector.modify(conn.sock, events, self._handle_connection)
+            self._loop.modify(conn.sock, events, self._handle_connection)
         conn.events = events
 
     def _handle_connection(self, sock, mask) -> None:
@@ -640,7 +593,7 @@ class Producer:
     def _finish(self, conn: Connection, clean: bool) -> None:
         """Close a connection (a FIN when clean, else a reset) and release what it held."""
         if conn.events:
-            self._selector.unregister(conn.sock)
+            self._loop.unregister(conn.sock)
             conn.events = 0
         if conn.state == DISPATCHED or conn.state == QUEUED:
             self._dispatcher.discard(conn)
@@ -689,24 +642,6 @@ class Producer:
         for conn in [conn for conn in self._writing if conn.write_deadline <= now]:
             self._fail_request(conn, CLIENT_LEFT, f"the client read none of its reply for {self.write_timeout} s")
 
-    def _expire_requests(self, now: float) -> None:
-        """Kill the worker of each request that ran past the handler timeout."""
-        for worker, request_id in self._dispatcher.expired(now):
-            if worker.timed_out:
-                continue
-            worker.timed_out = True
-            log.error(
-                "request %d ran past the %s s timeout on worker %d (pid %d); killing the worker",
-                request_id,
-                self.timeout,
-                worker.worker_id,
-                worker.pid,
-            )
-            self.forker.kill(worker, signal.SIGKILL)
-            for conn in self._dispatcher.remove_worker(worker):
-                cause = TIMEOUT if conn.request_id == request_id else WORKER_DIED
-                self._fail_request(conn, cause, f"worker {worker.worker_id} (pid {worker.pid}) was killed")
-
     # -- replies and workers ------------------------------------------------
 
     def _drain_replies(self, fd, mask) -> None:
@@ -723,12 +658,17 @@ class Producer:
                 return
             kind, value, body = _messages.receive_message(replies)
             if kind == _messages.READY:
-                self._handle_ready(value, _messages.PID.unpack(body)[0])
+                self._supervisor.handle_ready(value, _messages.PID.unpack(body)[0])
+                self._send_queued()
             elif kind == _messages.STOPPING:
-                self._handle_worker_stopping(value)
+                self._supervisor.handle_stopping(value)
             else:
                 self._handle_reply(kind, value, body)
         self._replies_pending = True
+
+    def _send_queued(self) -> None:
+        for failed, exc in self._dispatcher.send_queued(time.monotonic()):
+            self._fail_request(failed, SEND_FAILED, str(exc))
 
     def _handle_reply(self, kind: int, request_id: int, body: memoryview) -> None:
         dispatcher = self._dispatcher
@@ -738,13 +678,9 @@ class Producer:
             return
 
         worker = conn.worker
-        if kind & _messages.RECYCLE_FLAG:
-            self._recycle(worker, f"is above the memory limit of {self.max_worker_memory} MiB")
-        elif worker.max_served is not None and worker.served >= worker.max_served:
-            self._recycle(worker, f"served {worker.served} requests")
+        self._supervisor.after_reply(worker, over_memory=bool(kind & _messages.RECYCLE_FLAG))
         if dispatcher.queue:
-            for failed, exc in dispatcher.send_queued(time.monotonic()):
-                self._fail_request(failed, SEND_FAILED, str(exc))
+            self._send_queued()
 
         if kind & ~_messages.RECYCLE_FLAG == _messages.FAILED:
             self._fail_request(conn, HANDLER_ERROR, f"request {request_id} on worker {worker.worker_id}")
@@ -753,185 +689,9 @@ class Producer:
         conn.state = WRITING
         self._write(conn)
 
-    def _handle_ready(self, worker_id: int, pid: int) -> None:
-        worker = self.forker.workers.get(worker_id)
-        if worker is None:
-            # READY overtook the fork server's SPAWNED record.
-            self._early_ready[worker_id] = pid
-            return
-        self._connect_worker(worker)
-        worker.ready = True
-        if self.max_requests is not None:
-            worker.max_served = self.max_requests + random.randint(0, self.max_requests_jitter)
-        self._boot_failures = 0
-        log.info("worker %d (pid %d) ready", worker_id, pid)
-
-        dispatcher = self._dispatcher
-        dispatcher.add_worker(worker)
-        # A ready replacement lets the oldest retiring worker stop taking work.
-        for old in dispatcher.ready:
-            if old.retiring:
-                dispatcher.pause_worker(old)
-                self._stop_worker(old)
-                break
-        if dispatcher.queue:
-            for failed, exc in dispatcher.send_queued(time.monotonic()):
-                self._fail_request(failed, SEND_FAILED, str(exc))
-
-    def _recycle(self, worker: WorkerProcess, reason: str) -> None:
-        """Fork a replacement now; the worker stops taking work once the replacement is ready."""
-        if worker.retiring or self._stopping:
-            return
-        worker.retiring = True
-        log.info("worker %d (pid %d) %s; replacing it", worker.worker_id, worker.pid, reason)
-        self._counters["worker_restarts"] += 1
-        self.forker.spawn()
-
-    def _connect_worker(self, worker: WorkerProcess) -> None:
-        push = self._context.socket(zmq.PUSH)
-        push.setsockopt(zmq.SNDHWM, 0)
-        # Long enough to deliver a STOP at teardown; 0MQ queues a message sent
-        # before the worker binds, so this also reaches a worker still booting.
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(self._request_endpoint(worker.worker_id))
-        worker.push = push
-
-    def _stop_worker(self, worker: WorkerProcess) -> None:
-        """Send STOP: the worker exits after the requests already sent to it."""
-        if worker.stop_sent or worker.sentinel < 0:
-            return
-        worker.stop_sent = True
-        if worker.push is None:
-            self._connect_worker(worker)
-        try:
-            _messages.send_message(worker.push, _messages.STOP, 0)
-        except zmq.ZMQError as exc:
-            log.warning("worker %d (pid %d): sending STOP failed: %s", worker.worker_id, worker.pid, exc)
-
-    def _handle_worker_stopping(self, worker_id: int) -> None:
-        """Replace a worker that received SIGTERM, and let it finish what it holds.
-
-        While the producer itself is stopping, the worker keeps serving until
-        the drain ends: systemd sends SIGTERM to every process of the service.
-        """
-        worker = self.forker.workers.get(worker_id)
-        if worker is None or worker.stop_sent or self._stopping:
-            return
-        self._recycle(worker, "received SIGTERM")
-        self._dispatcher.pause_worker(worker)
-        self._stop_worker(worker)
-
-    def _handle_forker_events(self, fd, mask) -> None:
-        events = self.forker.receive_events()
-        if events is None:
-            self._fail(GasparError("the fork server exited unexpectedly; no worker can be replaced"))
-            return
-        for event in events:
-            kind, subject, value = event
-            if kind == SPAWNED:
-                watch_sentinel = functools.partial(self._handle_sentinel, subject)
-                self._selector.register(subject.sentinel, selectors.EVENT_READ, watch_sentinel)
-                pid = self._early_ready.pop(subject.worker_id, None)
-                if pid is not None:
-                    self._handle_ready(subject.worker_id, pid)
-            else:
-                self._log_forker_event(event)
-                if kind == EXITED:
-                    self._handle_exit(subject)
-                elif kind == FORK_FAILED:
-                    self._handle_boot_failure(f"fork() failed: {os.strerror(value)}")
-
-    def _handle_sentinel(self, worker: WorkerProcess, fd, mask) -> None:
-        """React to a worker's death at once; its exit status comes later."""
-        self._retire(worker)
-
-    def _retire(self, worker: WorkerProcess) -> None:
-        """Stop using a dead worker and fail exactly the requests it held."""
-        if worker.sentinel < 0:
-            return
-        self._selector.unregister(worker.sentinel)
-        worker.close_sentinel()
-        if worker.push is not None:
-            worker.push.close(linger=0)
-            worker.push = None
-        lost = self._dispatcher.remove_worker(worker)
-        for conn in lost:
-            self._fail_request(conn, WORKER_DIED, f"worker {worker.worker_id} (pid {worker.pid}) died")
-        if lost or not (self._stopping or worker.stop_sent or worker.timed_out or not worker.ready):
-            log.warning(
-                "worker %d (pid %d) died; %s failed with it",
-                worker.worker_id,
-                worker.pid,
-                _count(len(lost), "request it held", "requests it held"),
-            )
-
-    def _handle_exit(self, worker: WorkerProcess) -> None:
-        """Replace a reaped worker, unless it was retiring or never became ready."""
-        self._retire(worker)
-        if self._stopping or worker.retiring:
-            return
-        if not worker.ready:
-            self._handle_boot_failure(
-                f"worker {worker.worker_id} (pid {worker.pid}) "
-                f"{describe_wait_status(worker.exit_status)} before it was ready"
-            )
-            return
-        self._counters["worker_restarts"] += 1
-        self.forker.spawn()
-
-    def _handle_boot_failure(self, reason: str) -> None:
-        """Retry with a growing delay; give up after MAX_BOOT_FAILURES in a row."""
-        if not self.running.is_set():
-            self._error = StartupError(f"{reason}; see the worker's log above")
-            return
-        self._boot_failures += 1
-        if self._boot_failures >= MAX_BOOT_FAILURES:
-            self._fail(
-                StartupError(f"{reason}; {MAX_BOOT_FAILURES} workers in a row failed to start, giving up")
-            )
-            return
-        delay = BOOT_RETRY_DELAY * 2 ** (self._boot_failures - 1)
-        log.error("%s; retrying in %.1f s", reason, delay)
-        self._call_later(delay, self.forker.spawn)
-
-    def _fail(self, error: BaseException) -> None:
-        log.error("stopping: %s", error)
-        self._error = error
-        self._stop_now()
-
-    def _log_forker_event(self, event) -> None:
-        kind, subject, value = event
-        if kind == EXITED:
-            expected = self._stopping or subject.stop_sent
-            level = logging.INFO if expected and value == 0 else logging.WARNING
-            log.log(level, "worker %d (pid %d) %s", subject.worker_id, subject.pid, describe_wait_status(value))
-        elif kind == FORK_FAILED:
-            log.error("fork() of worker %d failed: %s", subject, os.strerror(value))
-
-    # -- worker side ------------------------------------------------------
-
     def _run_worker(self, worker_id: int) -> int:
-        """Serve requests in a new worker process until SIGTERM; return its exit code."""
-        max_memory = None if self.max_worker_memory is None else self.max_worker_memory * 1024 * 1024
-        loop = WorkerLoop(
-            self.consumer,
-            worker_id,
-            self._request_endpoint(worker_id),
-            self._reply_endpoint(),
-            max_memory=max_memory,
-        )
-        return loop.run()
-
-    def _request_endpoint(self, worker_id: int) -> str:
-        return f"ipc://{self._runtime_dir}/worker-{worker_id}"
-
-    def _reply_endpoint(self) -> str:
-        return f"ipc://{self._runtime_dir}/replies"
-
-
-def _count(number: int, singular: str, plural: Optional[str] = None) -> str:
-    """Return "1 worker" or "3 workers"."""
-    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+        """Serve requests in a new worker process; runs after the fork."""
+        return self._supervisor.run_worker(worker_id)
 
 
 def _framing_implementation() -> str:

@@ -28,9 +28,9 @@ import pytest
 
 import gaspar
 import gaspar._worker
-import gaspar.producers
+import gaspar._supervisor
 from gaspar import client
-from gaspar.producers import HANDLER_ERROR, TIMEOUT, WORKER_DIED
+from gaspar._rejections import HANDLER_ERROR, TIMEOUT, WORKER_DIED
 
 from conftest import descendant_pids, subprocess_env, wait_for
 
@@ -295,7 +295,7 @@ class FailingReplacementConsumer(gaspar.Consumer):
 
 def test_replacement_boot_failure_stops(start_producer, caplog, monkeypatch, tmp_path):
     caplog.set_level(logging.INFO, logger="gaspar")
-    monkeypatch.setattr(gaspar.producers, "BOOT_RETRY_DELAY", 0.05)
+    monkeypatch.setattr(gaspar._supervisor, "BOOT_RETRY_DELAY", 0.05)
     marker = tmp_path / "fail-setup"
     producer = start_producer(FailingReplacementConsumer(marker), processes=2)
     victim, survivor = live_workers(producer)
@@ -312,7 +312,7 @@ def test_replacement_boot_failure_stops(start_producer, caplog, monkeypatch, tmp
 
     retries = [record for record in caplog.records if "retrying in" in record.getMessage()]
     # Every failure but the last is retried.
-    assert len(retries) == gaspar.producers.MAX_BOOT_FAILURES - 1
+    assert len(retries) == gaspar._supervisor.MAX_BOOT_FAILURES - 1
     # The retry delay doubles each time; record.created is when the line was logged.
     for number, (earlier, later) in enumerate(zip(retries, retries[1:])):
         assert later.created - earlier.created >= 0.05 * 2**number

@@ -1,0 +1,311 @@
+"""Worker supervision for the producer: readiness, replacement, recycling and stopping.
+
+Every worker comes from the fork server (gaspar._forkserver). The supervisor
+learns of its birth and exit from the Forker, of its death at once from its
+sentinel, and of its readiness from its READY message. A worker that dies
+is replaced, a worker due for recycling is replaced before it stops taking
+work, and a replacement that fails to start is retried with a growing delay.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import selectors
+import signal
+from typing import Callable, Dict, List, Optional
+
+import zmq
+
+from gaspar import _messages
+from gaspar._connection import Connection
+from gaspar._dispatch import Dispatcher
+from gaspar._loop import EventLoop
+from gaspar._rejections import TIMEOUT, WORKER_DIED
+from gaspar._worker import WorkerLoop
+from gaspar.consumers import Consumer
+from gaspar.errors import GasparError, StartupError
+from gaspar.workers import EXITED, FORK_FAILED, SPAWNED, Event, Forker, WorkerProcess, describe_wait_status
+
+log = logging.getLogger(__name__)
+
+# Workers that may fail to become ready in a row, after startup, before the
+# producer gives up; the retry delay doubles from BOOT_RETRY_DELAY seconds.
+MAX_BOOT_FAILURES = 5
+BOOT_RETRY_DELAY = 0.5
+
+FailRequest = Callable[[Connection, str, str], None]
+
+
+def count_text(number: int, singular: str, plural: Optional[str] = None) -> str:
+    """Return "1 worker" or "3 workers"."""
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
+class Supervisor:
+    """Keeps the producer's workers running and tells the dispatcher which ones take work.
+
+    ``fail_request(conn, cause, detail)`` resets a client whose request was
+    lost; ``fail(error)`` stops the producer for good.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        forker: Forker,
+        dispatcher: Dispatcher,
+        loop: EventLoop,
+        runtime_dir: str,
+        *,
+        max_requests: Optional[int],
+        max_requests_jitter: int,
+        max_worker_memory: Optional[int],
+        timeout: Optional[float],
+        fail_request: FailRequest,
+        fail: Callable[[BaseException], None],
+    ) -> None:
+        self.consumer = consumer
+        self.forker = forker
+        self.dispatcher = dispatcher
+        self.loop = loop
+        self.runtime_dir = runtime_dir
+        self.max_requests = max_requests
+        self.max_requests_jitter = max_requests_jitter
+        self.max_worker_memory = max_worker_memory
+        self.timeout = timeout
+        self._fail_request = fail_request
+        self._fail = fail
+        self.context: Optional[zmq.Context] = None
+        # Before startup ends, a worker that fails to start fails start().
+        self.started = False
+        self.stopping = False
+        self.startup_error: Optional[StartupError] = None
+        self.restarts = 0
+        self._boot_failures = 0
+        self._early_ready: Dict[int, int] = {}
+
+    # -- endpoints and the worker process ---------------------------------
+
+    def request_endpoint(self, worker_id: int) -> str:
+        return f"ipc://{self.runtime_dir}/worker-{worker_id}"
+
+    def reply_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir}/replies"
+
+    def run_worker(self, worker_id: int) -> int:
+        """Serve requests in a new worker process until STOP; return its exit code."""
+        max_memory = None if self.max_worker_memory is None else self.max_worker_memory * 1024 * 1024
+        loop = WorkerLoop(
+            self.consumer,
+            worker_id,
+            self.request_endpoint(worker_id),
+            self.reply_endpoint(),
+            max_memory=max_memory,
+        )
+        return loop.run()
+
+    # -- messages and events ------------------------------------------------
+
+    def handle_ready(self, worker_id: int, pid: int) -> None:
+        """Start sending work to a worker that reported READY."""
+        worker = self.forker.workers.get(worker_id)
+        if worker is None:
+            # READY overtook the fork server's SPAWNED record.
+            self._early_ready[worker_id] = pid
+            return
+        self._connect(worker)
+        worker.ready = True
+        if self.max_requests is not None:
+            worker.max_served = self.max_requests + random.randint(0, self.max_requests_jitter)
+        self._boot_failures = 0
+        log.info("worker %d (pid %d) ready", worker_id, pid)
+
+        dispatcher = self.dispatcher
+        dispatcher.add_worker(worker)
+        # A ready replacement lets the oldest retiring worker stop taking work.
+        for old in dispatcher.ready:
+            if old.retiring:
+                dispatcher.pause_worker(old)
+                self.stop_worker(old)
+                break
+
+    def handle_stopping(self, worker_id: int) -> None:
+        """Replace a worker that received SIGTERM, and let it finish what it holds.
+
+        While the producer itself is stopping, the worker keeps serving until
+        the drain ends: systemd sends SIGTERM to every process of the service.
+        """
+        worker = self.forker.workers.get(worker_id)
+        if worker is None or worker.stop_sent or self.stopping:
+            return
+        self.recycle(worker, "received SIGTERM")
+        self.dispatcher.pause_worker(worker)
+        self.stop_worker(worker)
+
+    def handle_forker_events(self, fd: int, mask: int) -> None:
+        events = self.forker.receive_events()
+        if events is None:
+            self._fail(GasparError("the fork server exited unexpectedly; no worker can be replaced"))
+            return
+        for event in events:
+            kind, subject, value = event
+            if kind == SPAWNED:
+                watch_sentinel = functools.partial(self._handle_sentinel, subject)
+                self.loop.register(subject.sentinel, selectors.EVENT_READ, watch_sentinel)
+                pid = self._early_ready.pop(subject.worker_id, None)
+                if pid is not None:
+                    self.handle_ready(subject.worker_id, pid)
+            else:
+                self.log_event(event)
+                if kind == EXITED:
+                    self._handle_exit(subject)
+                elif kind == FORK_FAILED:
+                    self._handle_boot_failure(f"fork() failed: {os.strerror(value)}")
+
+    def log_event(self, event: Event) -> None:
+        kind, subject, value = event
+        if kind == EXITED:
+            expected = self.stopping or subject.stop_sent
+            level = logging.INFO if expected and value == 0 else logging.WARNING
+            log.log(level, "worker %d (pid %d) %s", subject.worker_id, subject.pid, describe_wait_status(value))
+        elif kind == FORK_FAILED:
+            log.error("fork() of worker %d failed: %s", subject, os.strerror(value))
+
+    def expire_requests(self, now: float) -> None:
+        """Kill the worker of each request that ran past the handler timeout."""
+        for worker, request_id in self.dispatcher.expired(now):
+            if worker.timed_out:
+                continue
+            worker.timed_out = True
+            log.error(
+                "request %d ran past the %s s timeout on worker %d (pid %d); killing the worker",
+                request_id,
+                self.timeout,
+                worker.worker_id,
+                worker.pid,
+            )
+            self.forker.kill(worker, signal.SIGKILL)
+            for conn in self.dispatcher.remove_worker(worker):
+                cause = TIMEOUT if conn.request_id == request_id else WORKER_DIED
+                self._fail_request(conn, cause, f"worker {worker.worker_id} (pid {worker.pid}) was killed")
+
+    def after_reply(self, worker: WorkerProcess, over_memory: bool) -> None:
+        """Recycle a worker that is over its memory limit or served its max_requests."""
+        if over_memory:
+            self.recycle(worker, f"is above the memory limit of {self.max_worker_memory} MiB")
+        elif worker.max_served is not None and worker.served >= worker.max_served:
+            self.recycle(worker, f"served {worker.served} requests")
+
+    # -- replacing and stopping workers -----------------------------------
+
+    def spawn(self, count: int) -> None:
+        for _ in range(count):
+            self.forker.spawn()
+
+    def recycle(self, worker: WorkerProcess, reason: str) -> None:
+        """Fork a replacement now; the worker stops taking work once the replacement is ready."""
+        if worker.retiring or self.stopping:
+            return
+        worker.retiring = True
+        log.info("worker %d (pid %d) %s; replacing it", worker.worker_id, worker.pid, reason)
+        self.restarts += 1
+        self.forker.spawn()
+
+    def restart_all(self, reason: str) -> None:
+        """Replace every worker without failing a request, as with max_requests."""
+        workers = list(self.dispatcher.ready)
+        log.info("%s: replacing all %s", reason, count_text(len(workers), "worker"))
+        for worker in workers:
+            self.recycle(worker, reason)
+
+    def stop_worker(self, worker: WorkerProcess) -> None:
+        """Send STOP: the worker exits after the requests already sent to it."""
+        if worker.stop_sent or worker.sentinel < 0:
+            return
+        worker.stop_sent = True
+        if worker.push is None:
+            self._connect(worker)
+        try:
+            _messages.send_message(worker.push, _messages.STOP, 0)
+        except zmq.ZMQError as exc:
+            log.warning("worker %d (pid %d): sending STOP failed: %s", worker.worker_id, worker.pid, exc)
+
+    def stop_all(self, kill_now: bool) -> None:
+        """Stop every worker and the fork server, then close the workers' sockets.
+
+        With ``kill_now`` the workers get SIGKILL at once: their requests were
+        failed already. Otherwise each gets STOP, then SIGTERM and, after the
+        kill timeout, SIGKILL.
+        """
+        workers = list(self.forker.workers.values())
+        if self.context is not None:
+            for worker in workers:
+                self.stop_worker(worker)
+        for event in self.forker.close(0.0 if kill_now else None):
+            self.log_event(event)
+        for worker in workers:
+            if worker.push is not None:
+                worker.push.close(linger=0)
+                worker.push = None
+
+    def _connect(self, worker: WorkerProcess) -> None:
+        push = self.context.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 0)
+        # Long enough to deliver a STOP at teardown; 0MQ queues a message sent
+        # before the worker binds, so this also reaches a worker still booting.
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self.request_endpoint(worker.worker_id))
+        worker.push = push
+
+    def _handle_sentinel(self, worker: WorkerProcess, fd: int, mask: int) -> None:
+        """React to a worker's death at once; its exit status comes later."""
+        self._retire(worker)
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        """Stop using a dead worker and fail exactly the requests it held."""
+        if worker.sentinel < 0:
+            return
+        self.loop.unregister(worker.sentinel)
+        worker.close_sentinel()
+        if worker.push is not None:
+            worker.push.close(linger=0)
+            worker.push = None
+        lost: List[Connection] = self.dispatcher.remove_worker(worker)
+        for conn in lost:
+            self._fail_request(conn, WORKER_DIED, f"worker {worker.worker_id} (pid {worker.pid}) died")
+        if lost or not (self.stopping or worker.stop_sent or worker.timed_out or not worker.ready):
+            log.warning(
+                "worker %d (pid %d) died; %s failed with it",
+                worker.worker_id,
+                worker.pid,
+                count_text(len(lost), "request it held", "requests it held"),
+            )
+
+    def _handle_exit(self, worker: WorkerProcess) -> None:
+        """Replace a reaped worker, unless it was retiring or never became ready."""
+        self._retire(worker)
+        if self.stopping or worker.retiring:
+            return
+        if not worker.ready:
+            self._handle_boot_failure(
+                f"worker {worker.worker_id} (pid {worker.pid}) "
+                f"{describe_wait_status(worker.exit_status)} before it was ready"
+            )
+            return
+        self.restarts += 1
+        self.forker.spawn()
+
+    def _handle_boot_failure(self, reason: str) -> None:
+        """Retry with a growing delay; give up after MAX_BOOT_FAILURES in a row."""
+        if not self.started:
+            self.startup_error = StartupError(f"{reason}; see the worker's log above")
+            return
+        self._boot_failures += 1
+        if self._boot_failures >= MAX_BOOT_FAILURES:
+            self._fail(StartupError(f"{reason}; {MAX_BOOT_FAILURES} workers in a row failed to start, giving up"))
+            return
+        delay = BOOT_RETRY_DELAY * 2 ** (self._boot_failures - 1)
+        log.error("%s; retrying in %.1f s", reason, delay)
+        self.loop.call_later(delay, self.forker.spawn)
