@@ -75,10 +75,13 @@ class Connection:
         "events",
         "counted",
         "held",
+        "accepted_at",
     )
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, accepted_at: float = 0.0) -> None:
         self.sock = sock
+        # time.monotonic() at accept, for the latency histogram.
+        self.accepted_at = accepted_at
         self.fd = sock.fileno()
         self.parser: Optional[FrameParser] = None
         self.state = READING

@@ -9,7 +9,7 @@ worker, the first ones and every replacement.
 Control messages are fixed-size records on an AF_UNIX SOCK_SEQPACKET pair,
 which keeps record boundaries and carries file descriptors::
 
-    producer -> server   SPAWN  worker id
+    producer -> server   SPAWN  worker id, 1 to reload the handler's code or 0
     producer -> server   KILL   pid, signal number
     producer -> server   QUIT   kill timeout in ms, or -1 for the default
                                 (stop every worker, then exit)
@@ -65,11 +65,11 @@ def _flush_stdio() -> None:
             pass
 
 
-def start_fork_server(run_worker: Callable[[int], int], kill_timeout: float):
+def start_fork_server(run_worker: Callable[[int, bool], int], kill_timeout: float):
     """Fork the fork server; return (pid, the producer's end of the control socket).
 
-    ``run_worker(worker_id)`` runs in each forked worker and returns its exit
-    code. The caller must reap the returned pid.
+    ``run_worker(worker_id, reload)`` runs in each forked worker and returns
+    its exit code. The caller must reap the returned pid.
     """
     producer_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     _flush_stdio()
@@ -91,7 +91,7 @@ def start_fork_server(run_worker: Callable[[int], int], kill_timeout: float):
 class ForkServer:
     """The loop of the fork server process."""
 
-    def __init__(self, control: socket.socket, run_worker: Callable[[int], int], kill_timeout: float) -> None:
+    def __init__(self, control: socket.socket, run_worker: Callable[[int, bool], int], kill_timeout: float) -> None:
         self.control = control
         self.run_worker = run_worker
         self.kill_timeout = kill_timeout
@@ -142,7 +142,7 @@ class ForkServer:
 
         command, first, second = RECORD.unpack(record)
         if command == SPAWN:
-            self._spawn(first)
+            self._spawn(first, bool(second))
         elif command == KILL:
             if first in self.children:
                 os.kill(first, second)
@@ -153,7 +153,7 @@ class ForkServer:
             log.error("fork server: ignoring unknown command %r", command)
         return command
 
-    def _spawn(self, worker_id: int) -> None:
+    def _spawn(self, worker_id: int, reload: bool) -> None:
         sentinel_read, sentinel_write = os.pipe()
         _flush_stdio()
         try:
@@ -166,7 +166,7 @@ class ForkServer:
             return
 
         if pid == 0:
-            self._become_worker(worker_id, sentinel_read)
+            self._become_worker(worker_id, reload, sentinel_read)
 
         os.close(sentinel_write)
         self.children.add(pid)
@@ -174,7 +174,7 @@ class ForkServer:
         self.selector.register(sentinel_read, selectors.EVENT_READ)
         socket.send_fds(self.control, [RECORD.pack(SPAWNED, worker_id, pid)], [sentinel_read])
 
-    def _become_worker(self, worker_id: int, sentinel_read: int) -> None:
+    def _become_worker(self, worker_id: int, reload: bool, sentinel_read: int) -> None:
         code = 1
         try:
             # Descriptors the worker must not hold: the control socket, so
@@ -184,7 +184,7 @@ class ForkServer:
             os.close(sentinel_read)
             for fd in self.sentinels.values():
                 os.close(fd)
-            code = self.run_worker(worker_id)
+            code = self.run_worker(worker_id, reload)
         except BaseException:
             traceback.print_exc()
         finally:

@@ -39,6 +39,10 @@ class Option:
             if self.default is None:
                 return None
             raise TypeError(f"{self.name} must not be None")
+        if self.type is str:
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{self.name} must be a non-empty str, got {value!r}")
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{self.name} must be a number, got {type(value).__name__}")
         if self.type is int and not isinstance(value, int):
@@ -110,6 +114,15 @@ OPTIONS: Tuple[Option, ...] = (
     Option(
         "backlog", int, 1024, 1, 2**20, "N",
         "length of the listening socket's queue of connections not yet accepted",
+    ),
+    Option(
+        "metrics_port", int, None, 0, 65535, "PORT",
+        "serve Prometheus metrics at /metrics and a health check at /healthz on this TCP "
+        "port; 0 picks a free one (default: off)",
+    ),
+    Option(
+        "metrics_host", str, "127.0.0.1", 0, 0, "HOST",
+        "address the metrics endpoint listens on",
     ),
 )
 

@@ -24,7 +24,7 @@ from gaspar._connection import Connection
 from gaspar._dispatch import Dispatcher
 from gaspar._loop import EventLoop
 from gaspar._rejections import TIMEOUT, WORKER_DIED
-from gaspar._worker import WorkerLoop
+from gaspar._worker import EXIT_BOOT_ERROR, WorkerLoop
 from gaspar.consumers import Consumer
 from gaspar.errors import GasparError, StartupError
 from gaspar.workers import EXITED, FORK_FAILED, SPAWNED, Event, Forker, WorkerProcess, describe_wait_status
@@ -94,11 +94,18 @@ class Supervisor:
     def reply_endpoint(self) -> str:
         return f"ipc://{self.runtime_dir}/replies"
 
-    def run_worker(self, worker_id: int) -> int:
+    def run_worker(self, worker_id: int, reload: bool) -> int:
         """Serve requests in a new worker process until STOP; return its exit code."""
+        consumer = self.consumer
+        if reload:
+            try:
+                consumer = consumer.reloaded()
+            except Exception:
+                log.exception("worker %d (pid %d): reloading %r failed", worker_id, os.getpid(), consumer)
+                return EXIT_BOOT_ERROR
         max_memory = None if self.max_worker_memory is None else self.max_worker_memory * 1024 * 1024
         loop = WorkerLoop(
-            self.consumer,
+            consumer,
             worker_id,
             self.request_endpoint(worker_id),
             self.reply_endpoint(),
@@ -204,21 +211,33 @@ class Supervisor:
         for _ in range(count):
             self.forker.spawn()
 
-    def recycle(self, worker: WorkerProcess, reason: str) -> None:
+    def recycle(self, worker: WorkerProcess, reason: str, reload: bool = False) -> None:
         """Fork a replacement now; the worker stops taking work once the replacement is ready."""
         if worker.retiring or self.stopping:
             return
         worker.retiring = True
         log.info("worker %d (pid %d) %s; replacing it", worker.worker_id, worker.pid, reason)
         self.restarts += 1
-        self.forker.spawn()
+        self.forker.spawn(reload)
 
     def restart_all(self, reason: str) -> None:
-        """Replace every worker without failing a request, as with max_requests."""
+        """Replace every worker with one that reloads the handler, without failing a request."""
         workers = list(self.dispatcher.ready)
         log.info("%s: replacing all %s", reason, count_text(len(workers), "worker"))
         for worker in workers:
-            self.recycle(worker, reason)
+            self.recycle(worker, reason, reload=True)
+
+    def retire_one(self) -> bool:
+        """Stop the oldest worker for good, after it finishes what it holds; return False if none can go."""
+        candidates = [worker for worker in self.dispatcher.ready if not worker.retiring]
+        if len(candidates) <= 1:
+            return False
+        worker = candidates[0]
+        worker.retiring = True
+        log.info("retiring worker %d (pid %d) without a replacement", worker.worker_id, worker.pid)
+        self.dispatcher.pause_worker(worker)
+        self.stop_worker(worker)
+        return True
 
     def stop_worker(self, worker: WorkerProcess) -> None:
         """Send STOP: the worker exits after the requests already sent to it."""

@@ -10,7 +10,9 @@ Every ``serve`` option can also be set with a GASPAR_* environment variable
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
+import json
 import logging
 import os
 import sys
@@ -18,7 +20,7 @@ from typing import List, Optional
 
 from gaspar import __version__, client
 from gaspar._options import OPTIONS, Option, default_text
-from gaspar.consumers import Consumer
+from gaspar.consumers import Consumer, Reply
 from gaspar.errors import GasparError, RequestFailed, StartupError
 
 log = logging.getLogger("gaspar.cli")
@@ -113,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="lowest level of log messages to print; env GASPAR_LOG_LEVEL (default: %(default)s)",
     )
+    serve.add_argument(
+        "--log-format",
+        default=_env("LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line for log shippers; env GASPAR_LOG_FORMAT "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--check",
+        action="store_true",
+        help="import and validate MODULE:ATTR, print what it is and exit without serving",
+    )
 
     send = commands.add_parser(
         "request",
@@ -137,13 +151,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class JsonFormatter(logging.Formatter):
+    """Formats each record as one JSON object: time (UTC), level, logger, pid, message, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class ImportedConsumer(Consumer):
+    """The consumer named by MODULE:ATTR; a reload (SIGHUP) imports its module afresh.
+
+    Only that module is reloaded, not the modules it imports.
+    """
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+        self.consumer = load_consumer(target)
+
+    def setup(self) -> None:
+        self.consumer.setup()
+
+    def handle(self, message: bytes) -> Reply:
+        return self.consumer.handle(message)
+
+    def reloaded(self) -> Consumer:
+        module_name = self.target.partition(":")[0]
+        module = sys.modules.get(module_name)
+        if module is not None:
+            importlib.reload(module)
+        return load_consumer(self.target)
+
+    def __repr__(self) -> str:
+        return f"<ImportedConsumer {self.target}: {self.consumer!r}>"
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send log records to stderr as text lines or JSON objects."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
 def serve(arguments: argparse.Namespace) -> int:
     """Run the daemon until SIGINT or SIGTERM; return the exit status."""
     from gaspar.producers import Producer
 
-    logging.basicConfig(level=arguments.log_level.upper(), format=LOG_FORMAT)
+    configure_logging(arguments.log_level, arguments.log_format)
     try:
-        consumer = load_consumer(arguments.target)
+        consumer = ImportedConsumer(arguments.target)
+        if arguments.check:
+            print(f"{arguments.target}: OK, {consumer.consumer!r}")
+            return 0
         if arguments.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {arguments.workers}")
         limits = {option.name: getattr(arguments, option.name) for option in OPTIONS}

@@ -37,6 +37,15 @@ class Consumer:
         any request, and the producer reports it.
         """
 
+    def reloaded(self) -> "Consumer":
+        """Return the consumer that a worker started by a reload (SIGHUP) uses.
+
+        Runs in the new worker, after the fork. The base class returns itself;
+        ``gaspar serve`` returns a consumer from a fresh import of the handler's
+        module, so new code goes live without a restart.
+        """
+        return self
+
     def handle(self, message: bytes) -> Reply:
         """Return the reply to one request."""
         if self.handler is None:

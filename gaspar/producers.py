@@ -43,6 +43,7 @@ from gaspar._rejections import (
 from gaspar._supervisor import Supervisor, count_text
 from gaspar.consumers import Consumer, Handler, as_consumer
 from gaspar.errors import FrameTooLarge, StartupError
+from gaspar.metrics import Histogram, MetricsServer, render_prometheus
 from gaspar.workers import Forker
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,15 @@ class Producer:
     """A TCP daemon that hands each request to one of N worker processes.
 
     ``consumer`` is a Consumer or a plain handler function; ``processes``
-    defaults to os.cpu_count(). The keyword options and their defaults are
-    listed in gaspar._options (``gaspar serve --help`` prints them):
-    max_request_size, read_timeout, timeout, max_requests,
-    max_requests_jitter, max_worker_memory, max_connections, max_in_flight,
-    graceful_timeout, startup_timeout, kill_timeout, prefetch and backlog.
+    defaults to os.cpu_count(). The keyword options, with their units and
+    defaults, are defined in gaspar._options and printed by
+    ``gaspar serve --help``: max_request_size, read_timeout, write_timeout,
+    timeout, max_requests, max_requests_jitter, max_worker_memory,
+    max_connections, max_in_flight, graceful_timeout, startup_timeout,
+    kill_timeout, prefetch, backlog, metrics_port and metrics_host.
+
+    Used as a context manager, the producer starts without blocking and
+    stops when the block ends.
     """
 
     def __init__(
@@ -111,6 +116,8 @@ class Producer:
         self.startup_timeout: float = values["startup_timeout"]
         self.prefetch: int = values["prefetch"]
         self.backlog: int = values["backlog"]
+        self.metrics_port: Optional[int] = values["metrics_port"]
+        self.metrics_host: str = values["metrics_host"]
 
         self.forker = Forker(self._run_worker, kill_timeout=values["kill_timeout"])
         self._supervisor: Optional[Supervisor] = None
@@ -123,6 +130,8 @@ class Producer:
         self._error: Optional[BaseException] = None
         self._counters: collections.Counter = collections.Counter()
         self._rejections = RejectionLog(log)
+        self._latency = Histogram()
+        self._metrics: Optional[MetricsServer] = None
 
     # -- public API -------------------------------------------------------
 
@@ -132,6 +141,25 @@ class Producer:
         if self.server_addr is None:
             raise RuntimeError("the producer is not listening; call start() first")
         return format_address(*self.server_addr)
+
+    @property
+    def metrics_addr(self) -> Optional[Tuple[str, int]]:
+        """The metrics endpoint's bound (host, port), or None when it is off or stopped."""
+        if self._metrics is None or self._metrics.listener is None:
+            return None
+        return self._metrics.address
+
+    def __enter__(self) -> "Producer":
+        """Start without blocking; the with block runs while the producer serves."""
+        self.start(blocking=False)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def metrics_text(self) -> str:
+        """Return stats() and the latency histogram in the Prometheus text format."""
+        return render_prometheus(self.stats(), self._latency)
 
     def start(self, blocking: bool = True) -> None:
         """Listen, fork the workers and serve.
@@ -153,7 +181,7 @@ class Producer:
             if blocking:
                 # Before the workers start, so a SIGTERM during startup is not fatal.
                 restore_signals = self._loop.install_signal_handlers(
-                    (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                    (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
                 )
             self._start_workers()
         except BaseException:
@@ -240,6 +268,7 @@ class Producer:
         self._replies = None
         self._replies_pending = False
         self._runtime_dir: Optional[str] = None
+        self._metrics = None
         self._loop = EventLoop(on_wake=self._handle_stop_request, on_signal=self._handle_signal)
 
         self._dispatcher = Dispatcher(self.prefetch, self.timeout)
@@ -275,6 +304,8 @@ class Producer:
 
         self._listener = self._listen()
         self.server_addr = self._listener.getsockname()[:2]
+        if self.metrics_port is not None:
+            self._start_metrics()
 
         self._context = zmq.Context(io_threads=1)
         self._supervisor.context = self._context
@@ -307,6 +338,24 @@ class Producer:
             "choose another port or stop the process that holds it"
         ) from errors[0]
 
+    def _start_metrics(self) -> None:
+        self._metrics = MetricsServer(
+            self._loop,
+            self.metrics_host,
+            self.metrics_port,
+            render=self.metrics_text,
+            healthy=lambda: self._active and not self._stopping,
+        )
+        try:
+            self._metrics.start()
+        except OSError as exc:
+            self._metrics = None
+            raise StartupError(
+                f"cannot listen for metrics on {format_address(self.metrics_host, self.metrics_port)}: "
+                f"{exc.strerror}; choose another metrics port"
+            ) from exc
+        log.info("serving metrics at http://%s/metrics", format_address(*self._metrics.address))
+
     def _start_workers(self) -> None:
         self._supervisor.spawn(self.processes)
 
@@ -330,6 +379,8 @@ class Producer:
         if self._supervisor is not None:
             # The reply socket stays open meanwhile, so workers can flush on exit.
             self._supervisor.stop_all(kill_now=self._stop_immediately)
+        if self._metrics is not None:
+            self._metrics.close()
         self._loop.close()
 
         if self._listener is not None:
@@ -394,6 +445,16 @@ class Producer:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             self._supervisor.restart_all(f"{name} received")
+        elif signum == signal.SIGTTIN:
+            self.processes += 1
+            log.info("%s received: adding a worker, now %d", name, self.processes)
+            self._supervisor.spawn(1)
+        elif signum == signal.SIGTTOU:
+            if self._supervisor.retire_one():
+                self.processes -= 1
+                log.info("%s received: retiring a worker, now %d", name, self.processes)
+            else:
+                log.warning("%s received: keeping the last worker", name)
         elif self._stopping:
             log.warning("second %s received: stopping now", name)
             self._stop_now()
@@ -485,7 +546,7 @@ class Producer:
                     continue
                 raise
             sock.setblocking(False)
-            conn = Connection(sock)
+            conn = Connection(sock, time.monotonic())
             self._connections[conn.fd] = conn
             self._counters["accepted"] += 1
             self._read(conn)
@@ -578,6 +639,7 @@ class Producer:
             return
         if remaining == 0:
             self._counters["succeeded"] += 1
+            self._latency.observe(time.monotonic() - conn.accepted_at)
             self._finish(conn, clean=True)
             return
         if remaining < before or conn.events != selectors.EVENT_WRITE:
@@ -689,9 +751,9 @@ class Producer:
         conn.state = WRITING
         self._write(conn)
 
-    def _run_worker(self, worker_id: int) -> int:
+    def _run_worker(self, worker_id: int, reload: bool) -> int:
         """Serve requests in a new worker process; runs after the fork."""
-        return self._supervisor.run_worker(worker_id)
+        return self._supervisor.run_worker(worker_id, reload)
 
 
 def _framing_implementation() -> str:

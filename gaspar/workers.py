@@ -125,7 +125,7 @@ class Forker:
     after SIGTERM when the Forker closes, before SIGKILL.
     """
 
-    def __init__(self, run_worker: Callable[[int], int], kill_timeout: float = 10.0) -> None:
+    def __init__(self, run_worker: Callable[[int, bool], int], kill_timeout: float = 10.0) -> None:
         self._run_worker = run_worker
         self.kill_timeout = kill_timeout
         self._server_pid: Optional[int] = None
@@ -151,11 +151,14 @@ class Forker:
             raise RuntimeError("Forker is not started")
         return self._control.fileno()
 
-    def spawn(self) -> int:
-        """Ask for one more worker; return its id. SPAWNED or FORK_FAILED follows."""
+    def spawn(self, reload: bool = False) -> int:
+        """Ask for one more worker; return its id. SPAWNED or FORK_FAILED follows.
+
+        With ``reload``, the worker calls its consumer's reloaded() first.
+        """
         worker_id = self._next_worker_id
         self._next_worker_id += 1
-        self._send(_forkserver.SPAWN, worker_id, 0)
+        self._send(_forkserver.SPAWN, worker_id, 1 if reload else 0)
         return worker_id
 
     def kill(self, worker: WorkerProcess, signum: int = signal.SIGKILL) -> None:

@@ -10,6 +10,7 @@ with real worker processes and real 0MQ sockets.
 """
 
 import concurrent.futures
+import http.client
 import ctypes
 import faulthandler
 import functools
@@ -553,7 +554,7 @@ DAEMON_SCRIPT = textwrap.dedent(
 
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    gaspar.Producer(sleep_then_echo, 0, processes=2, graceful_timeout=graceful_timeout).start()
+    gaspar.Producer(sleep_then_echo, 0, processes=2, graceful_timeout=graceful_timeout, metrics_port=0).start()
     """
 )
 
@@ -583,8 +584,23 @@ class Daemon:
         """Wait for the "listening on" line; learn the address and the worker pids."""
         listening = self.wait_for_line(r"listening on (\S+)", 30)
         self.address = listening.group(1)
+        self.metrics_address = self.wait_for_line(r"serving metrics at http://(\S+)/metrics", 10).group(1)
         self.worker_pids = [int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\) ready", self.log_text())]
         self._record_tree()
+
+    def metric(self, name: str) -> float:
+        """Return the value of an unlabelled metric from the daemon's /metrics endpoint."""
+        host, _, port = self.metrics_address.rpartition(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", "/metrics")
+            body = connection.getresponse().read().decode()
+        finally:
+            connection.close()
+        for line in body.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"metric {name} not found in:\n{body}")
 
     def _record_tree(self) -> None:
         for pid in descendant_pids(self.process.pid):
@@ -850,9 +866,14 @@ def test_daemon_tree_sigterm_answers_all(run_daemon):
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         # Two requests run and two wait in the producer's queue.
-        in_flight = [pool.submit(timed_request, daemon.address, b"1000 tree-%d" % number) for number in range(4)]
-        daemon.wait_started("tree-0")
-        daemon.wait_started("tree-1")
+        in_flight = [pool.submit(timed_request, daemon.address, b"1500 tree-%d" % number) for number in range(4)]
+        # A connection still in the listen backlog at SIGTERM is refused, so
+        # wait until the daemon has read all four requests.
+        wait_for(
+            lambda: (daemon.metric("gaspar_requests_in_flight"), daemon.metric("gaspar_requests_queued")) == (2, 2),
+            10,
+            "two requests running and two queued",
+        )
         for pid in [daemon.process.pid, fork_server_pid] + daemon.worker_pids:
             os.kill(pid, signal.SIGTERM)
         failures = failed_outcomes(in_flight)
