@@ -1,11 +1,14 @@
-"""A blocking client for the gaspar protocol.
+"""Clients for the gaspar protocol.
 
-It uses only the standard socket module, so it also works under gevent or
-eventlet monkey-patching.
+request() blocks. It uses only the standard socket module, so it also works
+under gevent or eventlet monkey-patching. request_async() is its asyncio
+twin, built on asyncio streams, with the same errors.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import time
 from typing import Optional, Tuple
@@ -13,7 +16,7 @@ from typing import Optional, Tuple
 from gaspar.errors import RequestFailed
 from gaspar.framing import pack
 
-__all__ = ["pack", "parse_address", "request"]
+__all__ = ["pack", "parse_address", "request", "request_async"]
 
 _RECV_SIZE = 256 * 1024
 
@@ -88,3 +91,48 @@ def _set_remaining_timeout(sock: socket.socket, deadline: Optional[float], addre
     if remaining <= 0:
         raise TimeoutError(f"request to {address} timed out after {timeout} s")
     sock.settimeout(remaining)
+
+
+async def request_async(address: str, message, timeout: Optional[float] = None) -> bytes:
+    """Send one request to a gaspar daemon from asyncio and return its reply.
+
+    The arguments, result and exceptions are those of request(): RequestFailed
+    when the server resets the connection, TimeoutError when ``timeout``
+    passes (connect included), and OSError (for example
+    ConnectionRefusedError) when it cannot connect. The event loop keeps
+    running other tasks while this one waits.
+    """
+    host, port = parse_address(address)
+    frame = pack(message)
+    try:
+        return await asyncio.wait_for(_exchange(host, port, frame), timeout)
+    except asyncio.TimeoutError as exc:
+        if timeout is None:
+            # From Python 3.11 on this also catches the kernel's connect timeout (ETIMEDOUT).
+            raise
+        # asyncio.TimeoutError is the builtin TimeoutError only from Python 3.11 on.
+        raise TimeoutError(f"request to {address} timed out after {timeout} s") from exc
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise RequestFailed(address) from exc
+
+
+async def _exchange(host: str, port: int, frame) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port, limit=_RECV_SIZE)
+    replied = False
+    try:
+        writer.write(frame)
+        await writer.drain()
+        # read() raises the reset even when part of the reply is already buffered.
+        reply = await reader.read()
+        replied = True
+        return reply
+    finally:
+        if replied:
+            writer.close()
+        else:
+            # close() would first wait to send what is still buffered, which a
+            # server that stopped reading never takes.
+            writer.transport.abort()
+        # wait_closed() raises the error that ended the connection, already handled above.
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
