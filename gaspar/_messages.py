@@ -18,7 +18,10 @@ A worker sets RECYCLE_FLAG in the kind of a REPLY or FAILED to ask to be
 replaced, because it went over its memory limit.
 """
 
+from __future__ import annotations
+
 import struct
+from typing import Tuple, Union
 
 import zmq
 
@@ -41,7 +44,9 @@ KIND_MASK = 0x7F
 SPLIT_THRESHOLD = 64 * 1024
 
 
-def send_message(socket, kind, value, body=b""):
+def send_message(
+    socket: zmq.Socket[bytes], kind: int, value: int, body: Union[bytes, bytearray, memoryview] = b""
+) -> None:
     """Send one message on a 0MQ socket without blocking.
 
     Raises zmq.Again when the socket cannot queue the message.
@@ -53,7 +58,7 @@ def send_message(socket, kind, value, body=b""):
         socket.send(body, zmq.NOBLOCK, copy=False)
 
 
-def receive_message(socket, block=False):
+def receive_message(socket: zmq.Socket[bytes], block: bool = False) -> Tuple[int, int, memoryview]:
     """Receive one message: return (kind, value, body).
 
     ``body`` is a memoryview. Without ``block``, raises zmq.Again when no

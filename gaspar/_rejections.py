@@ -30,8 +30,8 @@ class RejectionLog:
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
         self.logger = logger
         self.interval = interval
-        self.totals: collections.Counter = collections.Counter()
-        self._unlogged: collections.Counter = collections.Counter()
+        self.totals: collections.Counter[str] = collections.Counter()
+        self._unlogged: collections.Counter[str] = collections.Counter()
         self._logged_at: Dict[str, float] = {}
 
     def record(self, cause: str, detail: str, now: float) -> None:

@@ -29,7 +29,8 @@ class FrameTooLarge(FrameError):
         self.max_size = max_size
 
     def __str__(self) -> str:
-        return self.args[0]
+        message: str = self.args[0]
+        return message
 
 
 class RequestFailed(GasparError, ConnectionError):
