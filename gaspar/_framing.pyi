@@ -1,13 +1,14 @@
-"""Type stub for the compiled framing core, gaspar/_framing.pyx."""
+"""Type stub for the compiled framing core, gaspar/_framing.pyx.
 
-from collections.abc import Iterator
+It declares the same API as gaspar/_framing_py.py, the pure-Python twin.
+"""
 
 from typing_extensions import Buffer, Self
 
 def pack(message: Buffer) -> bytes: ...
 def unpack_header(buffer: Buffer) -> int: ...
 
-class FrameParser(Iterator[bytearray]):
+class FrameParser:
     def __init__(self, max_size: int = ...) -> None: ...
     @property
     def max_size(self) -> int: ...

@@ -11,9 +11,15 @@ from __future__ import annotations
 import struct
 from collections import deque
 from pickle import PickleBuffer
+from typing import TYPE_CHECKING
 
 from gaspar._constants import DEFAULT_MAX_REQUEST_SIZE, HEADER_FORMAT, HEADER_SIZE, MAX_FRAME_SIZE
 from gaspar.errors import FrameError, FrameTooLarge
+
+if TYPE_CHECKING:
+    # Only type checkers import typing_extensions, which gaspar does not
+    # depend on. collections.abc.Buffer is new in Python 3.12.
+    from typing_extensions import Buffer, Self
 
 __all__ = ["FrameParser", "pack", "unpack_header"]
 
@@ -22,7 +28,7 @@ _HEADER = struct.Struct(HEADER_FORMAT)
 _UNUSABLE_MESSAGE = "parser is unusable after an earlier error"
 
 
-def _byte_view(obj: object, name: str) -> memoryview:
+def _byte_view(obj: Buffer, name: str) -> memoryview:
     """Return a flat unsigned-byte view of a bytes-like object, without copying.
 
     ``name`` is the argument name used in error messages. Raises TypeError for
@@ -54,7 +60,7 @@ def _check_int(value: object, name: str) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
 
 
-def pack(message) -> bytes:
+def pack(message: Buffer) -> bytes:
     """Return ``message`` framed: its 4-byte big-endian length, then its bytes.
 
     ``message`` is any C-contiguous bytes-like object. A str raises TypeError,
@@ -68,7 +74,7 @@ def pack(message) -> bytes:
         return _HEADER.pack(size) + view
 
 
-def unpack_header(buffer) -> int:
+def unpack_header(buffer: Buffer) -> int:
     """Return the payload length declared by the first 4 bytes of ``buffer``.
 
     Bytes after the header are ignored. Fewer than 4 bytes raise FrameError.
@@ -76,7 +82,8 @@ def unpack_header(buffer) -> int:
     with _byte_view(buffer, "buffer") as view:
         if view.nbytes < HEADER_SIZE:
             raise FrameError(f"frame header needs {HEADER_SIZE} bytes, got {view.nbytes}")
-        return _HEADER.unpack_from(view)[0]
+        size: int = _HEADER.unpack_from(view)[0]
+        return size
 
 
 class FrameParser:
@@ -115,8 +122,9 @@ class FrameParser:
         self._header_filled = 0
         # Declared length of the current frame, or -1 until its header is complete.
         self._frame_size = -1
-        # Body buffer of the current frame, allocated once with the declared length.
-        self._body: bytearray | None = None
+        # Body buffer of the current frame, allocated once with the declared
+        # length, and empty while no body is being received.
+        self._body = bytearray()
         self._body_filled = 0
         self._frames: deque[bytearray] = deque()
         # Length of the view that the last get_buffer() returned, or -1 when no
@@ -141,7 +149,7 @@ class FrameParser:
         """Declared payload length of the incomplete frame, or -1 until its header is complete."""
         return self._frame_size
 
-    def feed(self, data) -> None:
+    def feed(self, data: Buffer) -> None:
         """Consume a bytes-like chunk of any length and queue every payload it completes."""
         self._check_usable()
         self._view_size = -1
@@ -194,7 +202,7 @@ class FrameParser:
             return self._frames.popleft()
         return None
 
-    def __iter__(self) -> FrameParser:
+    def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> bytearray:
@@ -222,7 +230,7 @@ class FrameParser:
 
     def _finish_body(self) -> None:
         self._frames.append(self._body)
-        self._body = None
+        self._body = bytearray()
         self._body_filled = 0
         self._frame_size = -1
 

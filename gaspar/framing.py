@@ -15,9 +15,12 @@ not built. ``IMPLEMENTATION`` is "c" or "python" to say which one is live.
 import logging
 import os
 import platform
+import types
+from typing import TYPE_CHECKING
 
 from gaspar import _framing_py
 
+_implementation: types.ModuleType
 if os.environ.get("GASPAR_NO_EXTENSIONS") == "1" or platform.python_implementation() != "CPython":
     _implementation = _framing_py
 else:
@@ -29,9 +32,14 @@ else:
         )
         _implementation = _framing_py
 
-pack = _implementation.pack
-unpack_header = _implementation.unpack_header
-FrameParser = _implementation.FrameParser
+if TYPE_CHECKING:
+    # Type checkers read one API, the pure-Python twin's. gaspar/_framing.pyi
+    # declares the same API for the C core.
+    from gaspar._framing_py import FrameParser, pack, unpack_header
+else:
+    pack = _implementation.pack
+    unpack_header = _implementation.unpack_header
+    FrameParser = _implementation.FrameParser
 IMPLEMENTATION = "python" if _implementation is _framing_py else "c"
 
 __all__ = ["IMPLEMENTATION", "FrameParser", "pack", "unpack_header"]
