@@ -36,7 +36,7 @@ import struct
 import sys
 import time
 import traceback
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _flush_stdio() -> None:
             pass
 
 
-def start_fork_server(run_worker: Callable[[int, bool], int], kill_timeout: float):
+def start_fork_server(run_worker: Callable[[int, bool], int], kill_timeout: float) -> Tuple[int, socket.socket]:
     """Fork the fork server; return (pid, the producer's end of the control socket).
 
     ``run_worker(worker_id, reload)`` runs in each forked worker and returns
@@ -140,6 +140,9 @@ class ForkServer:
         if not record:
             return None
 
+        command: bytes
+        first: int
+        second: int
         command, first, second = RECORD.unpack(record)
         if command == SPAWN:
             self._spawn(first, bool(second))

@@ -28,7 +28,7 @@ class EventLoop:
         self.selector = selectors.DefaultSelector()
         self._on_wake = on_wake
         self._on_signal = on_signal
-        self._timers: List[Tuple[float, int, Callable[[], None]]] = []
+        self._timers: List[Tuple[float, int, Callable[[], object]]] = []
         self._timer_ids = itertools.count()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
@@ -44,8 +44,8 @@ class EventLoop:
     def unregister(self, fileobj: Any) -> None:
         self.selector.unregister(fileobj)
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
-        """Run ``callback()`` in the loop's thread after ``delay`` seconds."""
+    def call_later(self, delay: float, callback: Callable[[], object]) -> None:
+        """Run ``callback()`` in the loop's thread after ``delay`` seconds; its result is ignored."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_ids), callback))
 
     def next_timer(self) -> Optional[float]:

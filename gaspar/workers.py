@@ -15,9 +15,12 @@ import select
 import signal
 import socket
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Final, List, Literal, Optional, Tuple, Union
 
 from gaspar import _forkserver
+
+if TYPE_CHECKING:
+    import zmq
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,8 @@ class WorkerProcess:
         self.stop_sent = False
         # The worker was killed because a request ran past the timeout.
         self.timed_out = False
-        self.push = None
+        # The producer's 0MQ socket that sends requests to this worker, once connected.
+        self.push: Optional[zmq.Socket[bytes]] = None
         self.exit_status: Optional[int] = None
 
     def close_sentinel(self) -> None:
@@ -110,11 +114,15 @@ class WorkerProcess:
 
 
 # Events that Forker.receive_events() returns.
-SPAWNED = "spawned"
-EXITED = "exited"
-FORK_FAILED = "fork_failed"
+SPAWNED: Final = "spawned"
+EXITED: Final = "exited"
+FORK_FAILED: Final = "fork_failed"
 
-Event = Tuple[str, object, int]
+# (SPAWNED, worker, 0), (EXITED, worker, wait status) or (FORK_FAILED, worker id, errno).
+Event = Union[
+    Tuple[Literal["spawned", "exited"], WorkerProcess, int],
+    Tuple[Literal["fork_failed"], int, int],
+]
 
 
 class Forker:
@@ -176,10 +184,13 @@ class Forker:
         (FORK_FAILED, worker id, errno). An EXITED worker has left ``workers``,
         but its sentinel stays open for the caller to close.
         """
+        control = self._control
+        if control is None:
+            raise RuntimeError("Forker is not started")
         events: List[Event] = []
         while True:
             try:
-                record, fds = _receive_record(self._control)
+                record, fds = _receive_record(control)
             except BlockingIOError:
                 return events
             except ConnectionResetError:
@@ -193,9 +204,9 @@ class Forker:
     def _decode(self, record: bytes, fds: List[int]) -> Optional[Event]:
         kind, first, second = _forkserver.RECORD.unpack(record)
         if kind == _forkserver.SPAWNED:
-            worker = WorkerProcess(first, second, fds[0])
-            self.workers[worker.worker_id] = worker
-            return SPAWNED, worker, 0
+            spawned = WorkerProcess(first, second, fds[0])
+            self.workers[spawned.worker_id] = spawned
+            return SPAWNED, spawned, 0
         for fd in fds:
             os.close(fd)
         if kind == _forkserver.EXITED:
@@ -241,9 +252,9 @@ class Forker:
 
         for worker in self.workers.values():
             worker.close_sentinel()
-        for _, worker, _ in events:
-            if isinstance(worker, WorkerProcess):
-                worker.close_sentinel()
+        for _, subject, _ in events:
+            if isinstance(subject, WorkerProcess):
+                subject.close_sentinel()
         self.workers.clear()
         return events
 
