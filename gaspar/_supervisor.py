@@ -77,7 +77,7 @@ class Supervisor:
         self.timeout = timeout
         self._fail_request = fail_request
         self._fail = fail
-        self.context: Optional[zmq.Context] = None
+        self.context: Optional[zmq.Context[zmq.Socket[bytes]]] = None
         # Before startup ends, a worker that fails to start fails start().
         self.started = False
         self.stopping = False
@@ -157,28 +157,32 @@ class Supervisor:
             self._fail(GasparError("the fork server exited unexpectedly; no worker can be replaced"))
             return
         for event in events:
-            kind, subject, value = event
-            if kind == SPAWNED:
-                watch_sentinel = functools.partial(self._handle_sentinel, subject)
-                self.loop.register(subject.sentinel, selectors.EVENT_READ, watch_sentinel)
-                pid = self._early_ready.pop(subject.worker_id, None)
+            # Comparing event[0], not an unpacked copy, lets type checkers narrow the tuple type.
+            if event[0] == SPAWNED:
+                _, worker, _ = event
+                watch_sentinel = functools.partial(self._handle_sentinel, worker)
+                self.loop.register(worker.sentinel, selectors.EVENT_READ, watch_sentinel)
+                pid = self._early_ready.pop(worker.worker_id, None)
                 if pid is not None:
-                    self.handle_ready(subject.worker_id, pid)
+                    self.handle_ready(worker.worker_id, pid)
             else:
                 self.log_event(event)
-                if kind == EXITED:
-                    self._handle_exit(subject)
-                elif kind == FORK_FAILED:
-                    self._handle_boot_failure(f"fork() failed: {os.strerror(value)}")
+                if event[0] == EXITED:
+                    _, worker, status = event
+                    self._handle_exit(worker, status)
+                elif event[0] == FORK_FAILED:
+                    _, _, error_number = event
+                    self._handle_boot_failure(f"fork() failed: {os.strerror(error_number)}")
 
     def log_event(self, event: Event) -> None:
-        kind, subject, value = event
-        if kind == EXITED:
-            expected = self.stopping or subject.stop_sent
-            level = logging.INFO if expected and value == 0 else logging.WARNING
-            log.log(level, "worker %d (pid %d) %s", subject.worker_id, subject.pid, describe_wait_status(value))
-        elif kind == FORK_FAILED:
-            log.error("fork() of worker %d failed: %s", subject, os.strerror(value))
+        if event[0] == EXITED:
+            _, worker, status = event
+            expected = self.stopping or worker.stop_sent
+            level = logging.INFO if expected and status == 0 else logging.WARNING
+            log.log(level, "worker %d (pid %d) %s", worker.worker_id, worker.pid, describe_wait_status(status))
+        elif event[0] == FORK_FAILED:
+            _, worker_id, error_number = event
+            log.error("fork() of worker %d failed: %s", worker_id, os.strerror(error_number))
 
     def expire_requests(self, now: float) -> None:
         """Kill the worker of each request that ran past the handler timeout."""
@@ -244,10 +248,11 @@ class Supervisor:
         if worker.stop_sent or worker.sentinel < 0:
             return
         worker.stop_sent = True
-        if worker.push is None:
-            self._connect(worker)
+        push = worker.push
+        if push is None:
+            push = self._connect(worker)
         try:
-            _messages.send_message(worker.push, _messages.STOP, 0)
+            _messages.send_message(push, _messages.STOP, 0)
         except zmq.ZMQError as exc:
             log.warning("worker %d (pid %d): sending STOP failed: %s", worker.worker_id, worker.pid, exc)
 
@@ -269,14 +274,19 @@ class Supervisor:
                 worker.push.close(linger=0)
                 worker.push = None
 
-    def _connect(self, worker: WorkerProcess) -> None:
-        push = self.context.socket(zmq.PUSH)
+    def _connect(self, worker: WorkerProcess) -> zmq.Socket[bytes]:
+        """Connect a PUSH socket to a worker's request endpoint, store it in ``worker.push`` and return it."""
+        context = self.context
+        if context is None:
+            raise RuntimeError("the supervisor has no 0MQ context; set Supervisor.context before workers connect")
+        push = context.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)
         # Long enough to deliver a STOP at teardown; 0MQ queues a message sent
         # before the worker binds, so this also reaches a worker still booting.
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(self.request_endpoint(worker.worker_id))
         worker.push = push
+        return push
 
     def _handle_sentinel(self, worker: WorkerProcess, fd: int, mask: int) -> None:
         """React to a worker's death at once; its exit status comes later."""
@@ -302,15 +312,18 @@ class Supervisor:
                 count_text(len(lost), "request it held", "requests it held"),
             )
 
-    def _handle_exit(self, worker: WorkerProcess) -> None:
-        """Replace a reaped worker, unless it was retiring or never became ready."""
+    def _handle_exit(self, worker: WorkerProcess, status: int) -> None:
+        """Replace a reaped worker, unless it was retiring or never became ready.
+
+        ``status`` is the worker's os.waitpid() status.
+        """
         self._retire(worker)
         if self.stopping or worker.retiring:
             return
         if not worker.ready:
             self._handle_boot_failure(
                 f"worker {worker.worker_id} (pid {worker.pid}) "
-                f"{describe_wait_status(worker.exit_status)} before it was ready"
+                f"{describe_wait_status(status)} before it was ready"
             )
             return
         self.restarts += 1

@@ -9,10 +9,14 @@ with the Prometheus text exposition format (version 0.0.4) and
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import selectors
 import socket
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    from gaspar._loop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,9 @@ class MetricsServer:
     response and is closed.
     """
 
-    def __init__(self, loop, host: str, port: int, render: Callable[[], str], healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self, loop: EventLoop, host: str, port: int, render: Callable[[], str], healthy: Callable[[], bool]
+    ) -> None:
         self.loop = loop
         self.host = host
         self.port = port
@@ -121,11 +127,16 @@ class MetricsServer:
         self.listener: Optional[socket.socket] = None
         # Open client socket -> the request bytes received so far, then the
         # response bytes still to send.
-        self._clients: Dict[socket.socket, Any] = {}
+        self._clients: Dict[socket.socket, Union[bytes, memoryview]] = {}
 
     @property
     def address(self) -> Tuple[str, int]:
-        return self.listener.getsockname()[:2]
+        """The bound (host, port). Raises RuntimeError before start() or after close()."""
+        listener = self.listener
+        if listener is None:
+            raise RuntimeError("the metrics server is not listening; call start() first")
+        address: Tuple[str, int] = listener.getsockname()[:2]
+        return address
 
     def start(self) -> None:
         """Listen; raises OSError when the address cannot be bound."""
@@ -154,7 +165,7 @@ class MetricsServer:
             sock.setblocking(False)
             self._clients[sock] = b""
             self.loop.register(sock, selectors.EVENT_READ, self._read)
-            self.loop.call_later(METRICS_CLIENT_TIMEOUT, lambda sock=sock: self._close(sock))
+            self.loop.call_later(METRICS_CLIENT_TIMEOUT, functools.partial(self._close, sock))
 
     def _read(self, sock: socket.socket, mask: int) -> None:
         try:
@@ -167,7 +178,11 @@ class MetricsServer:
         if not data:
             self._close(sock)
             return
-        head = self._clients[sock] + data
+        received = self._clients[sock]
+        if isinstance(received, memoryview):
+            # A response is being sent, so the request head was already complete.
+            return
+        head = received + data
         if b"\r\n\r\n" not in head and b"\n\n" not in head:
             if len(head) > MAX_REQUEST_HEAD:
                 self._respond(sock, "431 Request Header Fields Too Large", "request head too large\n")
