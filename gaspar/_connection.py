@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from gaspar._constants import HEADER_SIZE
 from gaspar.errors import FrameTooLarge
 from gaspar.framing import FrameParser, unpack_header
+
+if TYPE_CHECKING:
+    from gaspar.workers import WorkerProcess
+
+# A complete request payload: a view of the first read, or the parser's buffer.
+Payload = Union[memoryview, bytearray]
 
 READING = 1
 QUEUED = 2
@@ -87,8 +93,9 @@ class Connection:
         self.state = READING
         self.request_id = 0
         # The request payload while QUEUED.
-        self.payload = None
-        self.worker = None
+        self.payload: Optional[Payload] = None
+        # The worker that holds the request while DISPATCHED.
+        self.worker: Optional[WorkerProcess] = None
         # The rest of the reply while WRITING.
         self.reply: Optional[memoryview] = None
         self.read_deadline = 0.0
@@ -108,7 +115,7 @@ class Connection:
         """Whether the request's length is known, so its body may be buffered."""
         return self.parser is not None and self.parser.frame_size >= 0
 
-    def read_request(self, max_size: int):
+    def read_request(self, max_size: int) -> Optional[Payload]:
         """Read what the client has sent; return the payload once complete, else None.
 
         The first read takes up to FIRST_READ_SIZE bytes, so a small request
@@ -121,7 +128,7 @@ class Connection:
         """
         sock = self.sock
         if self.parser is None:
-            data = sock.recv(FIRST_READ_SIZE)
+            data: Union[bytes, memoryview] = sock.recv(FIRST_READ_SIZE)
             if not data:
                 raise ClientClosed(mid_frame=False)
             if len(data) >= HEADER_SIZE:
@@ -150,9 +157,12 @@ class Connection:
     def send_reply(self) -> int:
         """Send as much of the reply as the socket takes; return the bytes still to send.
 
-        Raises OSError (EPIPE, ECONNRESET) when the client has gone.
+        Raises OSError (EPIPE, ECONNRESET) when the client has gone, and
+        RuntimeError when no reply is set.
         """
         reply = self.reply
+        if reply is None:
+            raise RuntimeError(f"connection {self.fd} has no reply to send; set its reply first")
         try:
             sent = self.sock.send(reply, _SEND_FLAGS)
         except BlockingIOError:

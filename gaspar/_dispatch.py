@@ -14,7 +14,7 @@ import itertools
 from typing import Deque, Dict, List, Optional, Tuple
 
 from gaspar import _messages
-from gaspar._connection import DISPATCHED, QUEUED, Connection
+from gaspar._connection import DISPATCHED, QUEUED, Connection, Payload
 from gaspar.workers import WorkerProcess
 
 
@@ -44,7 +44,7 @@ class Dispatcher:
         """Requests queued or held by a worker."""
         return len(self.in_flight) + len(self.queue)
 
-    def submit(self, conn: Connection, payload, now: float) -> None:
+    def submit(self, conn: Connection, payload: Payload, now: float) -> None:
         """Send a complete request to a worker, or queue it if none is free.
 
         Raises zmq.ZMQError when the send fails; the request is then neither
@@ -61,7 +61,7 @@ class Dispatcher:
 
     def send_queued(self, now: float) -> List[Tuple[Connection, Exception]]:
         """Send queued requests to free workers; return those whose send failed."""
-        failed = []
+        failed: List[Tuple[Connection, Exception]] = []
         while self.queue:
             worker = self._pick()
             if worker is None:
@@ -71,21 +71,26 @@ class Dispatcher:
                 continue
             payload = conn.payload
             conn.payload = None
+            if payload is None:
+                failed.append((conn, RuntimeError(f"queued request {conn.request_id} has no payload")))
+                continue
             try:
                 self._send(worker, conn, payload, now)
             except Exception as exc:  # zmq.ZMQError, passed back to the caller to log
                 failed.append((conn, exc))
         return failed
 
-    def complete(self, request_id: int) -> Optional[Connection]:
-        """Take a request back from its worker; return its connection, or None if it is gone."""
+    def complete(self, request_id: int) -> Optional[Tuple[Connection, WorkerProcess]]:
+        """Take a request back from its worker; return its connection and that worker, or None if it is gone."""
         conn = self.in_flight.pop(request_id, None)
         if conn is None:
             return None
         worker = conn.worker
+        if worker is None:
+            raise RuntimeError(f"request {request_id} is in flight without a worker")
         worker.in_flight.discard(request_id)
         worker.served += 1
-        return conn
+        return conn, worker
 
     def discard(self, conn: Connection) -> None:
         """Forget a request whose connection is closing before its reply."""
@@ -150,9 +155,12 @@ class Dispatcher:
                 best_load = load
         return best
 
-    def _send(self, worker: WorkerProcess, conn: Connection, payload, now: float) -> None:
+    def _send(self, worker: WorkerProcess, conn: Connection, payload: Payload, now: float) -> None:
         request_id = conn.request_id
-        _messages.send_message(worker.push, _messages.REQUEST, request_id, payload)
+        push = worker.push
+        if push is None:
+            raise RuntimeError(f"worker {worker.worker_id} takes requests but has no 0MQ socket")
+        _messages.send_message(push, _messages.REQUEST, request_id, payload)
         conn.state = DISPATCHED
         conn.worker = worker
         worker.in_flight.add(request_id)

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import zmq
 
@@ -117,7 +117,7 @@ class WorkerLoop:
             wake_read.close()
             wake_write.close()
 
-    def _serve(self, requests, replies, wake_read: socket.socket) -> None:
+    def _serve(self, requests: zmq.Socket[bytes], replies: zmq.Socket[bytes], wake_read: socket.socket) -> None:
         """Serve requests until the producer sends STOP.
 
         On SIGTERM the worker sends STOPPING and keeps serving: the producer
@@ -144,13 +144,14 @@ class WorkerLoop:
                 log.info("worker %d (pid %d) received SIGTERM; stopping after its requests", self.worker_id, os.getpid())
                 _messages.send_message(replies, _messages.STOPPING, self.worker_id)
 
-    def _serve_one(self, replies, request_id: int, payload: memoryview) -> None:
+    def _serve_one(self, replies: zmq.Socket[bytes], request_id: int, payload: memoryview) -> None:
         kind, reply = self._run_handler(request_id, payload.tobytes())
         if self.max_memory is not None and resident_memory() > self.max_memory:
             kind |= _messages.RECYCLE_FLAG
         _messages.send_message(replies, kind, request_id, reply)
 
-    def _run_handler(self, request_id: int, message: bytes):
+    def _run_handler(self, request_id: int, message: bytes) -> Tuple[int, Union[bytes, bytearray, memoryview]]:
+        """Run the handler on one request; return the message kind (REPLY or FAILED) and the reply body."""
         try:
             return _messages.REPLY, reply_to_buffer(self.consumer.handle(message))
         except (Exception, SystemExit, KeyboardInterrupt):

@@ -21,12 +21,21 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Optional, Set, Tuple, Union, cast
 
 import zmq
 
 from gaspar import _messages
-from gaspar._connection import DISPATCHED, LINGER_RESET, QUEUED, READING, WRITING, ClientClosed, Connection
+from gaspar._connection import (
+    DISPATCHED,
+    LINGER_RESET,
+    QUEUED,
+    READING,
+    WRITING,
+    ClientClosed,
+    Connection,
+    Payload,
+)
 from gaspar._dispatch import Dispatcher
 from gaspar._loop import EventLoop
 from gaspar._options import resolve_options
@@ -120,7 +129,6 @@ class Producer:
         self.metrics_host: str = values["metrics_host"]
 
         self.forker = Forker(self._run_worker, kill_timeout=values["kill_timeout"])
-        self._supervisor: Optional[Supervisor] = None
         self.server_addr: Optional[Tuple[str, int]] = None
         self.running = threading.Event()
         self.stopped = threading.Event()
@@ -128,7 +136,7 @@ class Producer:
         self._active = False
         self._stop_requested = False
         self._error: Optional[BaseException] = None
-        self._counters: collections.Counter = collections.Counter()
+        self._counters: collections.Counter[str] = collections.Counter()
         self._rejections = RejectionLog(log)
         self._latency = Histogram()
         self._metrics: Optional[MetricsServer] = None
@@ -240,7 +248,9 @@ class Producer:
     def stats(self) -> Dict[str, Any]:
         """Return counters: requests accepted, succeeded, failed by cause, in flight, and per worker."""
         counters = self._counters
-        dispatcher = getattr(self, "_dispatcher", None)
+        # _setup() creates both, and stats() may run before start().
+        dispatcher: Optional[Dispatcher] = getattr(self, "_dispatcher", None)
+        supervisor: Optional[Supervisor] = getattr(self, "_supervisor", None)
         return {
             "accepted": counters["accepted"],
             "succeeded": counters["succeeded"],
@@ -248,7 +258,7 @@ class Producer:
             "accept_errors": self._rejections.totals[ACCEPT_FAILED],
             "in_flight": len(dispatcher.in_flight) if dispatcher else 0,
             "queued": len(dispatcher.queue) if dispatcher else 0,
-            "worker_restarts": self._supervisor.restarts if self._supervisor else 0,
+            "worker_restarts": supervisor.restarts if supervisor else 0,
             "workers": {worker.pid: worker.served for worker in list(self.forker.workers.values())},
         }
 
@@ -264,8 +274,8 @@ class Producer:
         self._listener: Optional[socket.socket] = None
         self._accepting = False
         self._accept_blocked_until = 0.0
-        self._context: Optional[zmq.Context] = None
-        self._replies = None
+        self._context: Optional[zmq.Context[zmq.Socket[bytes]]] = None
+        self._replies: Optional[zmq.Socket[bytes]] = None
         self._replies_pending = False
         self._runtime_dir: Optional[str] = None
         self._metrics = None
@@ -280,7 +290,7 @@ class Producer:
         # Connections still reading, in accept order, for the read timeout.
         self._reading: Deque[Connection] = collections.deque()
         # Connections waiting for the client to take the rest of its reply.
-        self._writing: set = set()
+        self._writing: Set[Connection] = set()
         self._next_write_check = 0.0
 
         self._runtime_dir = tempfile.mkdtemp(prefix="gaspar-")
@@ -305,7 +315,7 @@ class Producer:
         self._listener = self._listen()
         self.server_addr = self._listener.getsockname()[:2]
         if self.metrics_port is not None:
-            self._start_metrics()
+            self._start_metrics(self.metrics_port)
 
         self._context = zmq.Context(io_threads=1)
         self._supervisor.context = self._context
@@ -338,11 +348,11 @@ class Producer:
             "choose another port or stop the process that holds it"
         ) from errors[0]
 
-    def _start_metrics(self) -> None:
+    def _start_metrics(self, port: int) -> None:
         self._metrics = MetricsServer(
             self._loop,
             self.metrics_host,
-            self.metrics_port,
+            port,
             render=self.metrics_text,
             healthy=lambda: self._active and not self._stopping,
         )
@@ -351,7 +361,7 @@ class Producer:
         except OSError as exc:
             self._metrics = None
             raise StartupError(
-                f"cannot listen for metrics on {format_address(self.metrics_host, self.metrics_port)}: "
+                f"cannot listen for metrics on {format_address(self.metrics_host, port)}: "
                 f"{exc.strerror}; choose another metrics port"
             ) from exc
         log.info("serving metrics at http://%s/metrics", format_address(*self._metrics.address))
@@ -376,9 +386,11 @@ class Producer:
     def _teardown(self) -> None:
         for conn in list(self._connections.values()):
             self._fail_request(conn, STOPPING, "the producer stopped")
-        if self._supervisor is not None:
+        # None when _setup() failed before creating it, on the first start().
+        supervisor: Optional[Supervisor] = getattr(self, "_supervisor", None)
+        if supervisor is not None:
             # The reply socket stays open meanwhile, so workers can flush on exit.
-            self._supervisor.stop_all(kill_now=self._stop_immediately)
+            supervisor.stop_all(kill_now=self._stop_immediately)
         if self._metrics is not None:
             self._metrics.close()
         self._loop.close()
@@ -530,7 +542,7 @@ class Producer:
             self._loop.unregister(self._listener)
         self._accepting = want
 
-    def _accept(self, listener, mask) -> None:
+    def _accept(self, listener: socket.socket, mask: int) -> None:
         for _ in range(ACCEPT_BATCH):
             if not self._accepting:
                 return
@@ -577,7 +589,7 @@ class Producer:
             self._loop.modify(conn.sock, events, self._handle_connection)
         conn.events = events
 
-    def _handle_connection(self, sock, mask) -> None:
+    def _handle_connection(self, sock: socket.socket, mask: int) -> None:
         conn = self._connections.get(sock.fileno())
         if conn is None:
             return
@@ -619,7 +631,7 @@ class Producer:
         if payload is not None:
             self._submit(conn, payload)
 
-    def _submit(self, conn: Connection, payload) -> None:
+    def _submit(self, conn: Connection, payload: Payload) -> None:
         self._watch(conn, 0)
         if len(payload) == 0:
             # A zero-length request is closed without a reply.
@@ -631,7 +643,10 @@ class Producer:
             self._fail_request(conn, SEND_FAILED, str(exc))
 
     def _write(self, conn: Connection) -> None:
-        before = len(conn.reply)
+        reply = conn.reply
+        if reply is None:
+            raise RuntimeError(f"connection {conn.fd} is WRITING without a reply")
+        before = len(reply)
         try:
             remaining = conn.send_reply()
         except OSError as exc:
@@ -706,7 +721,7 @@ class Producer:
 
     # -- replies and workers ------------------------------------------------
 
-    def _drain_replies(self, fd, mask) -> None:
+    def _drain_replies(self, fd: Optional[int], mask: int) -> None:
         """Handle every waiting 0MQ message, or REPLY_BATCH of them.
 
         The 0MQ descriptor is edge-triggered: it signals only when the socket's
@@ -714,8 +729,12 @@ class Producer:
         or the loop would never hear of the messages left behind.
         """
         replies = self._replies
+        if replies is None:
+            raise RuntimeError("the producer's reply socket is closed; replies are read only while it runs")
         for _ in range(REPLY_BATCH):
-            if not replies.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            # pyzmq types getsockopt() as int | bytes for every option, and EVENTS is an int.
+            events = cast(int, replies.getsockopt(zmq.EVENTS))
+            if not events & zmq.POLLIN:
                 self._replies_pending = False
                 return
             kind, value, body = _messages.receive_message(replies)
@@ -734,12 +753,12 @@ class Producer:
 
     def _handle_reply(self, kind: int, request_id: int, body: memoryview) -> None:
         dispatcher = self._dispatcher
-        conn = dispatcher.complete(request_id)
-        if conn is None:
+        completed = dispatcher.complete(request_id)
+        if completed is None:
             log.debug("request %d: dropping the reply because its connection is already closed", request_id)
             return
 
-        worker = conn.worker
+        conn, worker = completed
         self._supervisor.after_reply(worker, over_memory=bool(kind & _messages.RECYCLE_FLAG))
         if dispatcher.queue:
             self._send_queued()
