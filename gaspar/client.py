@@ -11,10 +11,15 @@ import asyncio
 import contextlib
 import socket
 import time
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from gaspar.errors import RequestFailed
 from gaspar.framing import pack
+
+if TYPE_CHECKING:
+    # Only type checkers import typing_extensions, which gaspar does not
+    # depend on. collections.abc.Buffer is new in Python 3.12.
+    from typing_extensions import Buffer
 
 __all__ = ["pack", "parse_address", "request", "request_async"]
 
@@ -42,7 +47,7 @@ def parse_address(address: str) -> Tuple[str, int]:
     return host, port
 
 
-def request(address: str, message, timeout: Optional[float] = None) -> bytes:
+def request(address: str, message: Buffer, timeout: Optional[float] = None) -> bytes:
     """Send one request to a gaspar daemon and return its reply.
 
     ``message`` is bytes-like; encode a str first. ``timeout`` bounds the
@@ -69,7 +74,7 @@ def request(address: str, message, timeout: Optional[float] = None) -> bytes:
         # so every call gets only the time left before the deadline.
         _set_remaining_timeout(sock, deadline, address, timeout)
         sock.sendall(frame)
-        chunks = []
+        chunks: List[bytes] = []
         while True:
             _set_remaining_timeout(sock, deadline, address, timeout)
             chunk = sock.recv(_RECV_SIZE)
@@ -84,7 +89,9 @@ def request(address: str, message, timeout: Optional[float] = None) -> bytes:
         sock.close()
 
 
-def _set_remaining_timeout(sock: socket.socket, deadline: Optional[float], address: str, timeout) -> None:
+def _set_remaining_timeout(
+    sock: socket.socket, deadline: Optional[float], address: str, timeout: Optional[float]
+) -> None:
     if deadline is None:
         return
     remaining = deadline - time.monotonic()
@@ -93,7 +100,7 @@ def _set_remaining_timeout(sock: socket.socket, deadline: Optional[float], addre
     sock.settimeout(remaining)
 
 
-async def request_async(address: str, message, timeout: Optional[float] = None) -> bytes:
+async def request_async(address: str, message: Buffer, timeout: Optional[float] = None) -> bytes:
     """Send one request to a gaspar daemon from asyncio and return its reply.
 
     The arguments, result and exceptions are those of request(): RequestFailed
@@ -116,7 +123,7 @@ async def request_async(address: str, message, timeout: Optional[float] = None) 
         raise RequestFailed(address) from exc
 
 
-async def _exchange(host: str, port: int, frame) -> bytes:
+async def _exchange(host: str, port: int, frame: bytes) -> bytes:
     reader, writer = await asyncio.open_connection(host, port, limit=_RECV_SIZE)
     replied = False
     try:
