@@ -3,11 +3,16 @@
 It declares the same API as gaspar/_framing_py.py, the pure-Python twin.
 """
 
-from typing_extensions import Buffer, Self
+from typing_extensions import Buffer, Self, disjoint_base
+
+__all__ = ["FrameParser", "pack", "unpack_header"]
 
 def pack(message: Buffer) -> bytes: ...
 def unpack_header(buffer: Buffer) -> int: ...
 
+# A Cython cdef class has its own C instance layout, so no class can inherit
+# from it and from another such base at once.
+@disjoint_base
 class FrameParser:
     def __init__(self, max_size: int = ...) -> None: ...
     @property
