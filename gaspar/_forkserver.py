@@ -108,7 +108,7 @@ class ForkServer:
         # blocked, not ignored: a new worker inherits the mask, so a SIGTERM
         # that arrives before the worker installs its handler stays pending
         # instead of being lost.
-        for signum in (signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

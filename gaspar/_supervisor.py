@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # producer gives up; the retry delay doubles from BOOT_RETRY_DELAY seconds.
 MAX_BOOT_FAILURES = 5
 BOOT_RETRY_DELAY = 0.5
+# Seconds between a worker's death and failing the requests it held, for
+# replies it sent just before exiting to arrive.
+REPLY_GRACE = 0.2
 
 FailRequest = Callable[[Connection, str, str], None]
 
@@ -83,6 +86,9 @@ class Supervisor:
         self.stopping = False
         self.startup_error: Optional[StartupError] = None
         self.restarts = 0
+        # After the first SIGHUP every new worker reloads the handler, or a
+        # later replacement would run the code the fork server imported.
+        self._reload = False
         self._boot_failures = 0
         self._early_ready: Dict[int, int] = {}
 
@@ -211,25 +217,27 @@ class Supervisor:
 
     # -- replacing and stopping workers -----------------------------------
 
-    def spawn(self, count: int) -> None:
+    def spawn(self, count: int = 1) -> None:
+        """Fork new workers, with the handler reloaded once a SIGHUP asked for it."""
         for _ in range(count):
-            self.forker.spawn()
+            self.forker.spawn(self._reload)
 
-    def recycle(self, worker: WorkerProcess, reason: str, reload: bool = False) -> None:
+    def recycle(self, worker: WorkerProcess, reason: str) -> None:
         """Fork a replacement now; the worker stops taking work once the replacement is ready."""
         if worker.retiring or self.stopping:
             return
         worker.retiring = True
         log.info("worker %d (pid %d) %s; replacing it", worker.worker_id, worker.pid, reason)
         self.restarts += 1
-        self.forker.spawn(reload)
+        self.spawn()
 
     def restart_all(self, reason: str) -> None:
         """Replace every worker with one that reloads the handler, without failing a request."""
+        self._reload = True
         workers = list(self.dispatcher.ready)
         log.info("%s: replacing all %s", reason, count_text(len(workers), "worker"))
         for worker in workers:
-            self.recycle(worker, reason, reload=True)
+            self.recycle(worker, reason)
 
     def retire_one(self) -> bool:
         """Stop the oldest worker for good, after it finishes what it holds; return False if none can go."""
@@ -301,6 +309,13 @@ class Supervisor:
         if worker.push is not None:
             worker.push.close(linger=0)
             worker.push = None
+        self.dispatcher.pause_worker(worker)
+        # Replies the worker sent just before it exited may still be on their
+        # way through 0MQ, so its requests fail only after a grace period.
+        self.loop.call_later(REPLY_GRACE, functools.partial(self._fail_held, worker))
+
+    def _fail_held(self, worker: WorkerProcess) -> None:
+        """Fail the requests a dead worker still holds once its late replies had time to arrive."""
         lost: List[Connection] = self.dispatcher.remove_worker(worker)
         for conn in lost:
             self._fail_request(conn, WORKER_DIED, f"worker {worker.worker_id} (pid {worker.pid}) died")
@@ -327,7 +342,7 @@ class Supervisor:
             )
             return
         self.restarts += 1
-        self.forker.spawn()
+        self.spawn()
 
     def _handle_boot_failure(self, reason: str) -> None:
         """Retry with a growing delay; give up after MAX_BOOT_FAILURES in a row."""
@@ -340,4 +355,4 @@ class Supervisor:
             return
         delay = BOOT_RETRY_DELAY * 2 ** (self._boot_failures - 1)
         log.error("%s; retrying in %.1f s", reason, delay)
-        self.loop.call_later(delay, self.forker.spawn)
+        self.loop.call_later(delay, self.spawn)

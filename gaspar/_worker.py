@@ -52,8 +52,9 @@ class WorkerLoop:
     """Receive requests, run the consumer and send replies until SIGTERM.
 
     SIGTERM makes the worker ask the producer to stop it, and it exits once
-    the producer's STOP arrives, after every request sent before it. SIGINT
-    and SIGHUP are ignored: a terminal sends them to the whole process group,
+    the producer's STOP arrives, after every request sent before it. SIGINT,
+    SIGHUP, SIGTTIN and SIGTTOU are ignored, as in the fork server: a
+    terminal or an operator may send them to the whole process group,
     and the producer decides when workers stop.
     """
 

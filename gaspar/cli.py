@@ -39,8 +39,9 @@ def load_consumer(target: str) -> Consumer:
         raise ValueError(f"invalid handler {target!r}: expected MODULE:ATTR, as gaspar.examples:echo")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        # A module can fail to import with any exception, SyntaxError included.
+        raise ValueError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
 
     value = module
     for part in attribute.split("."):

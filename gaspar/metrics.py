@@ -189,7 +189,9 @@ class MetricsServer:
             else:
                 self._clients[sock] = head
             return
-        self._respond(sock, *self._route(head))
+        status, body = self._route(head)
+        # A response to HEAD has the headers of GET's and no body.
+        self._respond(sock, status, body, send_body=not head.startswith(b"HEAD "))
 
     def _route(self, head: bytes) -> Tuple[str, str]:
         request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
@@ -205,13 +207,13 @@ class MetricsServer:
             return ("200 OK", "OK\n") if self.healthy() else ("503 Service Unavailable", "stopping\n")
         return "404 Not Found", "not found; try /metrics or /healthz\n"
 
-    def _respond(self, sock: socket.socket, status: str, body: str) -> None:
+    def _respond(self, sock: socket.socket, status: str, body: str, send_body: bool = True) -> None:
         payload = body.encode("utf-8")
         head = (
             f"HTTP/1.0 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
         ).encode("ascii")
-        self._clients[sock] = memoryview(head + payload)
+        self._clients[sock] = memoryview(head + payload if send_body else head)
         self.loop.modify(sock, selectors.EVENT_WRITE, self._write)
         self._write(sock, selectors.EVENT_WRITE)
 

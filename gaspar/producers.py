@@ -120,6 +120,9 @@ class Producer:
             self.max_requests_jitter = (self.max_requests or 0) // 10
         self.max_worker_memory: Optional[int] = values["max_worker_memory"]
         self.max_connections: int = values["max_connections"]
+        # Unless set, the in-flight limit follows the worker count, also
+        # when SIGTTIN or SIGTTOU changes it.
+        self._in_flight_per_worker = 4 if values["max_in_flight"] is None else None
         self.max_in_flight: int = values["max_in_flight"] or 4 * processes
         self.graceful_timeout: float = values["graceful_timeout"]
         self.startup_timeout: float = values["startup_timeout"]
@@ -453,17 +456,25 @@ class Producer:
         if self._stop_requested:
             self._begin_stop()
 
+    def _set_processes(self, processes: int) -> None:
+        self.processes = processes
+        if self._in_flight_per_worker is not None:
+            self.max_in_flight = self._in_flight_per_worker * processes
+            self._update_accepting()
+            if self._held:
+                self._release_held()
+
     def _handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             self._supervisor.restart_all(f"{name} received")
         elif signum == signal.SIGTTIN:
-            self.processes += 1
+            self._set_processes(self.processes + 1)
             log.info("%s received: adding a worker, now %d", name, self.processes)
             self._supervisor.spawn(1)
         elif signum == signal.SIGTTOU:
             if self._supervisor.retire_one():
-                self.processes -= 1
+                self._set_processes(self.processes - 1)
                 log.info("%s received: retiring a worker, now %d", name, self.processes)
             else:
                 log.warning("%s received: keeping the last worker", name)

@@ -133,7 +133,7 @@ def process_gone(pid: int) -> bool:
     """Return whether a process has exited: no /proc entry, or a zombie waiting to be reaped."""
     try:
         return stat_fields(pid)[0] == b"Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return True
 
 
@@ -157,7 +157,7 @@ def start_time(pid: int):
     """
     try:
         return int(stat_fields(pid)[19])
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return None
 
 
@@ -775,7 +775,7 @@ def os_thread_names() -> list:
         try:
             with open(f"/proc/self/task/{task}/comm") as comm_file:
                 names.append(comm_file.read().strip())
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             # The thread ended after listdir().
             continue
     return names

@@ -587,10 +587,6 @@ def test_metrics_endpoint_routes(start_producer):
         http_get(metrics_addr, "/healthz")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MetricsServer._route answers HEAD like GET, so the response carries a body (RFC 9110 forbids one)",
-)
 def test_metrics_head_has_no_body(start_producer):
     producer = start_producer(echo_or_raise, processes=1, metrics_port=0)
 
@@ -668,12 +664,7 @@ def test_serve_sighup_rolls_out_new_code(serve_daemon, tmp_path):
     samples = parse_metrics(body.decode())
     failed_samples = samples_named(samples, "gaspar_requests_failed_total")
 
-    # TODO: assert failures == [] once test_serve_sighup_paused_producer_keeps_reply
-    # passes. Until then an old worker's last request fails when the producer
-    # handles the worker's exit before its reply. Only a request that an old
-    # worker held when it was sent STOP can be lost, so one per worker at most.
-    assert len(failures) <= len(old_pids)
-    assert [outcome for outcome in failures if not isinstance(outcome.reply, gaspar.RequestFailed)] == []
+    assert failures == []
     assert len(replies) > 100
     assert [outcome for outcome, _, _, message in parsed if message != outcome.message] == []
     assert {version for outcome, version, _, _ in parsed if outcome.ended < signalled_at} == {b"v1"}
@@ -692,11 +683,6 @@ def test_serve_sighup_rolls_out_new_code(serve_daemon, tmp_path):
     assert daemon.process.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Supervisor._handle_sentinel fails the requests a stopped worker held as soon as its "
-    "sentinel reads EOF, before the producer has read the reply the worker sent just before exiting",
-)
 def test_serve_sighup_paused_producer_keeps_reply(serve_daemon, tmp_path):
     """The last reply of a worker replaced by SIGHUP reaches its client even if the producer lags.
 
@@ -726,11 +712,6 @@ def test_serve_sighup_paused_producer_keeps_reply(serve_daemon, tmp_path):
     assert outcome == b"done"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="only SIGHUP's replacements reload the module; a worker forked later "
-    "(SIGTTIN, a death, max_requests) runs the fork server's original import",
-)
 def test_serve_sighup_then_ttin_runs_new_code(serve_daemon, tmp_path):
     module = tmp_path / "ops_versioned.py"
     module.write_text(VERSIONED_SOURCE.replace("VERSION_TAG", "v1"))
@@ -791,11 +772,6 @@ def test_serve_ttin_ttou_scale_workers(serve_daemon, tmp_path):
     assert daemon.process.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the default max_in_flight is 4 x the workers at start (Producer.__init__) "
-    "and SIGTTIN does not raise it, so workers added beyond that stay idle",
-)
 def test_serve_ttin_raises_in_flight_limit(serve_daemon, tmp_path):
     daemon = serve_daemon("ops_handlers:mark_then_sleep", "--port", "0", "--workers", "1", env=write_handlers(tmp_path))
     for count in range(2, 6):
@@ -938,11 +914,6 @@ def test_serve_check_rejects_target(target, message):
     assert message in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_consumer() catches only ImportError, so a SyntaxError escapes serve() "
-    "as a traceback with exit status 1",
-)
 def test_serve_check_syntax_error(tmp_path):
     (tmp_path / "ops_broken.py").write_text("def handle(message):\n    return message +\n")
 
