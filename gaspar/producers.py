@@ -249,7 +249,14 @@ class Producer:
             thread.join(timeout)
 
     def stats(self) -> Dict[str, Any]:
-        """Return counters: requests accepted, succeeded, failed by cause, in flight, and per worker."""
+        """Return counters and the latency histogram.
+
+        Keys: accepted, succeeded, failed (cause -> count), accept_errors,
+        in_flight, queued, worker_restarts, workers (pid -> requests served)
+        and latency, from accept to the last reply byte: buckets as
+        (upper bound in seconds, cumulative count) ending with "+Inf", sum in
+        seconds, and count.
+        """
         counters = self._counters
         # _setup() creates both, and stats() may run before start().
         dispatcher: Optional[Dispatcher] = getattr(self, "_dispatcher", None)
@@ -263,6 +270,11 @@ class Producer:
             "queued": len(dispatcher.queue) if dispatcher else 0,
             "worker_restarts": supervisor.restarts if supervisor else 0,
             "workers": {worker.pid: worker.served for worker in list(self.forker.workers.values())},
+            "latency": {
+                "buckets": self._latency.cumulative(),
+                "sum": self._latency.sum,
+                "count": self._latency.count,
+            },
         }
 
     # -- setup and teardown ---------------------------------------------

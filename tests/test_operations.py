@@ -28,6 +28,7 @@ from typing import NamedTuple
 import pytest
 
 import gaspar
+import gaspar.examples
 from gaspar import client
 
 from conftest import descendant_pids, subprocess_env, wait_for
@@ -959,3 +960,17 @@ def test_serve_metrics_flag_serves_metrics(serve_daemon, tmp_path):
     assert samples_after[("gaspar_requests_succeeded_total", ())] == 1
     assert samples_after[("gaspar_request_duration_seconds_count", ())] == 1
     assert health[0] == 200
+
+
+def test_stats_latency_histogram(start_producer):
+    producer = start_producer(gaspar.examples.echo)
+    for number in range(5):
+        assert client.request(producer.address, b"%d" % number, timeout=10) == b"%d" % number
+
+    latency = producer.stats()["latency"]
+
+    assert latency["count"] == 5
+    assert latency["buckets"][-1] == ("+Inf", 5)
+    counts = [count for _, count in latency["buckets"]]
+    assert counts == sorted(counts)
+    assert latency["sum"] > 0
