@@ -408,7 +408,10 @@ class Producer:
             supervisor.stop_all(kill_now=self._stop_immediately)
         if self._metrics is not None:
             self._metrics.close()
-        self._loop.close()
+        # EventLoop() itself may have failed, for lack of descriptors.
+        loop: Optional[EventLoop] = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.close()
 
         if self._listener is not None:
             self._listener.close()
