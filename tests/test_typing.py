@@ -16,21 +16,40 @@ pytestmark = pytest.mark.skipif(
 PACKAGE_DIR = os.path.dirname(gaspar.__file__)
 
 
-def run_python_module(tmp_path, *arguments):
-    """Run ``python -m ARGUMENTS`` in tmp_path, importing the gaspar under test; return the result."""
+def run_python_module(tmp_path, *arguments, **environment):
+    """Run ``python -m ARGUMENTS`` in tmp_path with extra environment variables; return the result."""
     return subprocess.run(
         [sys.executable, "-m", *arguments],
         capture_output=True,
         text=True,
         timeout=240,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.path.dirname(PACKAGE_DIR)},
+        env={**os.environ, **environment},
     )
+
+
+def search_path_environment(variable: str) -> dict:
+    """Return ``{variable: the folder holding gaspar}`` for an in-place build, or {} for an installed one.
+
+    Adding site-packages itself to mypy's path would make mypy check every
+    installed module as project code.
+    """
+    parent = os.path.dirname(PACKAGE_DIR)
+    return {} if os.path.basename(parent) == "site-packages" else {variable: parent}
 
 
 @pytest.mark.timeout(300)
 def test_package_mypy_strict(tmp_path):
-    result = run_python_module(tmp_path, "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), PACKAGE_DIR)
+    result = run_python_module(
+        tmp_path,
+        "mypy",
+        "--strict",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-p",
+        "gaspar",
+        **search_path_environment("MYPYPATH"),
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -40,6 +59,13 @@ def test_framing_stub_matches_module(tmp_path):
     if importlib.util.find_spec("gaspar._framing") is None:
         pytest.skip("the C extension gaspar._framing is not built")
 
-    result = run_python_module(tmp_path, "mypy.stubtest", "gaspar._framing", "--mypy-config-file", os.devnull)
+    result = run_python_module(
+        tmp_path,
+        "mypy.stubtest",
+        "gaspar._framing",
+        "--mypy-config-file",
+        os.devnull,
+        **search_path_environment("PYTHONPATH"),
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
