@@ -15,6 +15,7 @@ import os
 import random
 import selectors
 import signal
+import time
 from typing import Callable, Dict, List, Optional
 
 import zmq
@@ -89,6 +90,13 @@ class Supervisor:
         # After the first SIGHUP every new worker reloads the handler, or a
         # later replacement would run the code the fork server imported.
         self._reload = False
+        # SIGHUPs so far, and the generation each requested worker is forked in.
+        self.generation = 0
+        self._spawn_generations: Dict[int, int] = {}
+        # Workers to retire as soon as they are ready (SIGTTOU with none to spare).
+        self._surplus = 0
+        # When the current round of boot-failure retries is due.
+        self._retry_at = 0.0
         self._boot_failures = 0
         self._early_ready: Dict[int, int] = {}
 
@@ -137,9 +145,17 @@ class Supervisor:
 
         dispatcher = self.dispatcher
         dispatcher.add_worker(worker)
+        if self._surplus:
+            # SIGTTOU came while every worker was being replaced: this one goes,
+            # and still lets an old worker stop below.
+            self._surplus -= 1
+            self._retire_without_replacement(worker)
+        elif worker.generation < self.generation:
+            # Forked before the last SIGHUP, so it may run the code that SIGHUP replaced.
+            self.recycle(worker, "was forked before the last SIGHUP")
         # A ready replacement lets the oldest retiring worker stop taking work.
         for old in dispatcher.ready:
-            if old.retiring:
+            if old.retiring and old is not worker:
                 dispatcher.pause_worker(old)
                 self.stop_worker(old)
                 break
@@ -166,6 +182,7 @@ class Supervisor:
             # Comparing event[0], not an unpacked copy, lets type checkers narrow the tuple type.
             if event[0] == SPAWNED:
                 _, worker, _ = event
+                worker.generation = self._spawn_generations.pop(worker.worker_id, self.generation)
                 watch_sentinel = functools.partial(self._handle_sentinel, worker)
                 self.loop.register(worker.sentinel, selectors.EVENT_READ, watch_sentinel)
                 pid = self._early_ready.pop(worker.worker_id, None)
@@ -220,7 +237,8 @@ class Supervisor:
     def spawn(self, count: int = 1) -> None:
         """Fork new workers, with the handler reloaded once a SIGHUP asked for it."""
         for _ in range(count):
-            self.forker.spawn(self._reload)
+            worker_id = self.forker.spawn(self._reload)
+            self._spawn_generations[worker_id] = self.generation
 
     def recycle(self, worker: WorkerProcess, reason: str) -> None:
         """Fork a replacement now; the worker stops taking work once the replacement is ready."""
@@ -232,24 +250,35 @@ class Supervisor:
         self.spawn()
 
     def restart_all(self, reason: str) -> None:
-        """Replace every worker with one that reloads the handler, without failing a request."""
+        """Replace every worker with one that reloads the handler, without failing a request.
+
+        A worker still starting is replaced once it is ready, so a second
+        SIGHUP during a rolling restart is not lost.
+        """
         self._reload = True
+        self.generation += 1
         workers = list(self.dispatcher.ready)
         log.info("%s: replacing all %s", reason, count_text(len(workers), "worker"))
         for worker in workers:
-            self.recycle(worker, reason)
+            self.recycle(worker, "is due for a reload")
 
-    def retire_one(self) -> bool:
-        """Stop the oldest worker for good, after it finishes what it holds; return False if none can go."""
+    def retire_one(self) -> None:
+        """Stop, for good, the worker ready longest that is not being replaced.
+
+        During a rolling restart every ready worker may be retiring already;
+        then the next worker to become ready is retired instead.
+        """
         candidates = [worker for worker in self.dispatcher.ready if not worker.retiring]
-        if len(candidates) <= 1:
-            return False
-        worker = candidates[0]
+        if not candidates:
+            self._surplus += 1
+            return
+        self._retire_without_replacement(candidates[0])
+
+    def _retire_without_replacement(self, worker: WorkerProcess) -> None:
         worker.retiring = True
         log.info("retiring worker %d (pid %d) without a replacement", worker.worker_id, worker.pid)
         self.dispatcher.pause_worker(worker)
         self.stop_worker(worker)
-        return True
 
     def stop_worker(self, worker: WorkerProcess) -> None:
         """Send STOP: the worker exits after the requests already sent to it."""
@@ -349,10 +378,16 @@ class Supervisor:
         if not self.started:
             self.startup_error = StartupError(f"{reason}; see the worker's log above")
             return
-        self._boot_failures += 1
-        if self._boot_failures >= MAX_BOOT_FAILURES:
-            self._fail(StartupError(f"{reason}; {MAX_BOOT_FAILURES} workers in a row failed to start, giving up"))
-            return
-        delay = BOOT_RETRY_DELAY * 2 ** (self._boot_failures - 1)
-        log.error("%s; retrying in %.1f s", reason, delay)
-        self.loop.call_later(delay, self.spawn)
+        # Workers that fail together (all replacements of one SIGHUP, say)
+        # count as one failed round and are retried together.
+        now = time.monotonic()
+        if now >= self._retry_at:
+            self._boot_failures += 1
+            if self._boot_failures >= MAX_BOOT_FAILURES:
+                self._fail(
+                    StartupError(f"{reason}; {MAX_BOOT_FAILURES} rounds of workers in a row failed to start, giving up")
+                )
+                return
+            self._retry_at = now + BOOT_RETRY_DELAY * 2 ** (self._boot_failures - 1)
+        log.error("%s; retrying in %.1f s", reason, self._retry_at - now)
+        self.loop.call_later(self._retry_at - now, self.spawn)

@@ -25,6 +25,10 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 # An HTTP request head larger than this is answered with 431 and closed.
 MAX_REQUEST_HEAD = 8192
+# Metrics connections open at once; more wait in the listen backlog.
+MAX_METRICS_CLIENTS = 64
+# Seconds accepting pauses after accept() fails, as when out of descriptors.
+ACCEPT_PAUSE = 0.5
 # Seconds a metrics client has to send its request and read the response.
 METRICS_CLIENT_TIMEOUT = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -128,6 +132,9 @@ class MetricsServer:
         # Open client socket -> the request bytes received so far, then the
         # response bytes still to send.
         self._clients: Dict[socket.socket, Union[bytes, memoryview]] = {}
+        # Whether the listener is registered with the loop.
+        self._accepting = False
+        self._accept_errors = 0
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -143,29 +150,48 @@ class MetricsServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self.listener = socket.create_server((self.host, self.port), family=family)
         self.listener.setblocking(False)
-        self.loop.register(self.listener, selectors.EVENT_READ, self._accept)
+        self._resume_accepting()
 
     def close(self) -> None:
         for sock in list(self._clients):
             self._close(sock)
+        self._pause_accepting(None)
         if self.listener is not None:
-            self.loop.unregister(self.listener)
             self.listener.close()
             self.listener = None
 
     def _accept(self, listener: socket.socket, mask: int) -> None:
-        while True:
+        while len(self._clients) < MAX_METRICS_CLIENTS:
             try:
                 sock, _ = listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
-                log.warning("metrics endpoint: accept failed: %s", exc)
+                # Retrying at once would spin while the process is out of descriptors.
+                if not self._accept_errors:
+                    log.warning("metrics endpoint: accept failed: %s; pausing for %s s", exc, ACCEPT_PAUSE)
+                self._accept_errors += 1
+                self._pause_accepting(ACCEPT_PAUSE)
                 return
             sock.setblocking(False)
             self._clients[sock] = b""
             self.loop.register(sock, selectors.EVENT_READ, self._read)
             self.loop.call_later(METRICS_CLIENT_TIMEOUT, functools.partial(self._close, sock))
+        self._pause_accepting(None)
+
+    def _pause_accepting(self, seconds: Optional[float]) -> None:
+        """Stop watching the listener for ``seconds``, or until a client closes when None."""
+        if self.listener is None or not self._accepting:
+            return
+        self.loop.unregister(self.listener)
+        self._accepting = False
+        if seconds is not None:
+            self.loop.call_later(seconds, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self.listener is not None and not self._accepting:
+            self.loop.register(self.listener, selectors.EVENT_READ, self._accept)
+            self._accepting = True
 
     def _read(self, sock: socket.socket, mask: int) -> None:
         try:
@@ -183,11 +209,12 @@ class MetricsServer:
             # A response is being sent, so the request head was already complete.
             return
         head = received + data
-        if b"\r\n\r\n" not in head and b"\n\n" not in head:
-            if len(head) > MAX_REQUEST_HEAD:
-                self._respond(sock, "431 Request Header Fields Too Large", "request head too large\n")
-            else:
-                self._clients[sock] = head
+        complete = b"\r\n\r\n" in head or b"\n\n" in head
+        if len(head) > MAX_REQUEST_HEAD:
+            self._respond(sock, "431 Request Header Fields Too Large", "request head too large\n")
+            return
+        if not complete:
+            self._clients[sock] = head
             return
         status, body = self._route(head)
         # A response to HEAD has the headers of GET's and no body.
@@ -200,7 +227,7 @@ class MetricsServer:
             return "400 Bad Request", "invalid request line\n"
         method, target = parts[0], parts[1].split("?", 1)[0]
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", "only GET is supported\n"
+            return "405 Method Not Allowed", "only GET and HEAD are supported\n"
         if target == "/metrics":
             return "200 OK", self.render()
         if target == "/healthz":
@@ -241,3 +268,5 @@ class MetricsServer:
         except (KeyError, ValueError):
             pass
         sock.close()
+        if len(self._clients) < MAX_METRICS_CLIENTS:
+            self._resume_accepting()

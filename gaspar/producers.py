@@ -481,14 +481,17 @@ class Producer:
 
     def _handle_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        if signum == signal.SIGHUP:
+        if self._stopping and signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            log.info("%s received while stopping: ignored", name)
+        elif signum == signal.SIGHUP:
             self._supervisor.restart_all(f"{name} received")
         elif signum == signal.SIGTTIN:
             self._set_processes(self.processes + 1)
             log.info("%s received: adding a worker, now %d", name, self.processes)
             self._supervisor.spawn(1)
         elif signum == signal.SIGTTOU:
-            if self._supervisor.retire_one():
+            if self.processes > 1:
+                self._supervisor.retire_one()
                 self._set_processes(self.processes - 1)
                 log.info("%s received: retiring a worker, now %d", name, self.processes)
             else:
@@ -517,8 +520,8 @@ class Producer:
             if conn.state == READING:
                 self._fail_request(conn, STOPPING, "the producer is stopping")
         log.info(
-            "stopping: %d requests in flight, %d queued, waiting up to %s s",
-            len(self._dispatcher.in_flight),
+            "stopping: %s in flight, %d queued, waiting up to %s s",
+            count_text(len(self._dispatcher.in_flight), "request"),
             len(self._dispatcher.queue),
             self.graceful_timeout,
         )

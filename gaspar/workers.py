@@ -73,6 +73,7 @@ class WorkerProcess:
         "timed_out",
         "push",
         "exit_status",
+        "generation",
     )
 
     def __init__(self, worker_id: int, pid: int, sentinel: int) -> None:
@@ -94,6 +95,8 @@ class WorkerProcess:
         # The producer's 0MQ socket that sends requests to this worker, once connected.
         self.push: Optional[zmq.Socket[bytes]] = None
         self.exit_status: Optional[int] = None
+        # How many SIGHUP reloads had happened when the worker was forked.
+        self.generation = 0
 
     def close_sentinel(self) -> None:
         """Close the sentinel once it has read EOF or is no longer watched."""

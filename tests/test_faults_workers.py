@@ -318,7 +318,7 @@ def test_replacement_boot_failure_stops(start_producer, caplog, monkeypatch, tmp
     for number, (earlier, later) in enumerate(zip(retries, retries[1:])):
         assert later.created - earlier.created >= 0.05 * 2**number
     gave_up = log_messages(
-        caplog, r"^stopping: .*before it was ready; 5 workers in a row failed to start, giving up$"
+        caplog, r"^stopping: .*before it was ready; 5 rounds of workers in a row failed to start, giving up$"
     )
     assert len(gave_up) == 1
     gave_up_record = [record for record in caplog.records if record.getMessage() == gave_up[0]][0]
@@ -721,7 +721,7 @@ def test_daemon_signal_drains(run_daemon, signum):
         daemon.process.send_signal(signum)
         daemon.wait_for_line(f"{signum.name} received: stopping gracefully", 5)
         # The listener is closed before this line is logged.
-        daemon.wait_for_line(r"stopping: 1 requests in flight", 5)
+        daemon.wait_for_line(r"stopping: 1 request in flight", 5)
         with pytest.raises(ConnectionRefusedError):
             client.request(daemon.address, b"0 late", timeout=5)
         outcome, _ = in_flight.result()
@@ -738,7 +738,7 @@ def test_daemon_second_sigterm_stops_now(run_daemon):
         in_flight = pool.submit(timed_request, daemon.address, b"10000 long")
         daemon.wait_started("long")
         daemon.process.send_signal(signal.SIGTERM)
-        daemon.wait_for_line(r"stopping: 1 requests in flight", 5)
+        daemon.wait_for_line(r"stopping: 1 request in flight", 5)
         second_at = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
         daemon.wait_for_line("second SIGTERM received: stopping now", 5)
@@ -913,3 +913,22 @@ def test_handler_sys_exit_fails_request(start_producer):
         client.request(producer.address, b"exit", timeout=10)
 
     assert client.request(producer.address, b"pid", timeout=10) == before
+
+
+def test_simultaneous_boot_failures_one_round(start_producer, caplog, monkeypatch, tmp_path):
+    """Replacements that fail together count as one round, so backoff still applies."""
+    caplog.set_level(logging.INFO, logger="gaspar")
+    monkeypatch.setattr(gaspar._supervisor, "BOOT_RETRY_DELAY", 0.1)
+    marker = tmp_path / "fail-setup"
+    producer = start_producer(FailingReplacementConsumer(marker), processes=3)
+    workers = live_workers(producer)
+
+    marker.touch()
+    killed_at = time.monotonic()
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGKILL)
+
+    assert producer.stopped.wait(30)
+    # Four rounds of retries wait 0.1 + 0.2 + 0.4 + 0.8 s before the fifth failure.
+    assert time.monotonic() - killed_at >= 1.5
+    assert len(log_messages(caplog, "giving up")) == 1

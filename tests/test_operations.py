@@ -974,3 +974,80 @@ def test_stats_latency_histogram(start_producer):
     counts = [count for _, count in latency["buckets"]]
     assert counts == sorted(counts)
     assert latency["sum"] > 0
+
+
+SLOW_IMPORT_SOURCE = VERSIONED_SOURCE + '''
+# Importing takes a while, so a second signal can arrive while replacements start.
+time.sleep(0.5)
+'''
+
+
+def test_serve_second_sighup_during_restart(serve_daemon, tmp_path):
+    module = tmp_path / "ops_slow_import.py"
+    module.write_text(SLOW_IMPORT_SOURCE.replace("VERSION_TAG", "v1"))
+    daemon = serve_daemon("ops_slow_import:handle", "--port", "0", "--workers", "2", env=handler_env(tmp_path))
+
+    with Load(daemon.address, threads=2) as load:
+        rewrite_module(module, SLOW_IMPORT_SOURCE.replace("VERSION_TAG", "v2"))
+        daemon.signal_and_wait(signal.SIGHUP, r"SIGHUP received: replacing all 2 workers")
+        # The v2 replacements are still importing when v3 is deployed.
+        rewrite_module(module, SLOW_IMPORT_SOURCE.replace("VERSION_TAG", "v3"))
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        wait_for(
+            lambda: all(
+                outcome.reply.startswith(b"v3:")
+                for outcome in load.outcomes[-20:]
+                if isinstance(outcome.reply, bytes)
+            )
+            and len(load.outcomes) > 20,
+            20,
+            "every reply to come from v3",
+        )
+
+    assert load.failures() == []
+
+
+def test_serve_ttou_during_restart(serve_daemon, tmp_path):
+    module = tmp_path / "ops_slow_import.py"
+    module.write_text(SLOW_IMPORT_SOURCE.replace("VERSION_TAG", "v1"))
+    daemon = serve_daemon(
+        "ops_slow_import:handle", "--port", "0", "--workers", "3", "--metrics-port", "0", env=handler_env(tmp_path)
+    )
+
+    daemon.signal_and_wait(signal.SIGHUP, r"SIGHUP received: replacing all 3 workers")
+    daemon.signal_and_wait(signal.SIGTTOU, r"SIGTTOU received: retiring a worker, now 2")
+
+    def live_workers():
+        samples = parse_metrics(http_get(daemon.metrics_addr(), "/metrics")[2].decode())
+        return samples_named(samples, "gaspar_workers")
+
+    wait_for(lambda: list(live_workers().values()) == [2.0], 20, "two workers after the restart")
+    assert client.request(daemon.address, b"still serving", timeout=10).startswith(b"v1:")
+
+
+def test_serve_scaling_ignored_while_stopping(serve_daemon, tmp_path):
+    daemon = serve_daemon(
+        "ops_handlers:mark_then_sleep", "--port", "0", "--workers", "1", env=write_handlers(tmp_path)
+    )
+
+    marker = tmp_path / "started"
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(request_outcome, daemon.address, str(marker).encode())
+        wait_for(marker.exists, 10, "the handler to start")
+        daemon.signal_and_wait(signal.SIGTERM, r"SIGTERM received: stopping gracefully")
+        for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            daemon.signal_and_wait(signum, rf"{signal.Signals(signum).name} received while stopping: ignored")
+        outcome = pending.result()
+
+    assert outcome == b"done"
+    assert daemon.stop() == 0
+    assert daemon.matches(r"worker 2 \(pid") == []
+
+
+def test_metrics_large_complete_head_rejected(start_producer):
+    producer = start_producer(gaspar.examples.echo, metrics_port=0)
+    head = b"GET /metrics HTTP/1.0\r\nX: " + b"a" * 12000 + b"\r\n\r\n"
+
+    response = raw_http(producer.metrics_addr, head)
+
+    assert response.startswith(b"HTTP/1.0 431 ")
