@@ -31,7 +31,7 @@ import gaspar
 import gaspar.examples
 from gaspar import client
 
-from conftest import descendant_pids, subprocess_env, wait_for
+from conftest import descendant_pids, process_gone, start_time, subprocess_env, wait_for
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -115,32 +115,10 @@ def send_oversized_header(address, declared_size: int):
 # -- Processes -----------------------------------------------------------------
 
 
-def stat_fields(pid: int) -> list:
-    """Return the fields of /proc/PID/stat after the command name: state, parent pid, and so on."""
-    with open(f"/proc/{pid}/stat", "rb") as stat_file:
-        stat = stat_file.read()
-    # The command name in parentheses may contain spaces; the fields after it do not.
-    return stat[stat.rindex(b")") + 2 :].split()
 
 
-def process_gone(pid: int) -> bool:
-    """Return whether a process has exited: no /proc entry, or a zombie waiting to be reaped."""
-    try:
-        return stat_fields(pid)[0] == b"Z"
-    except (FileNotFoundError, ProcessLookupError):
-        # ProcessLookupError: the process exited between open() and read().
-        return True
 
 
-def start_time(pid: int):
-    """Return a process's start time in clock ticks after boot, or None if it has no /proc entry.
-
-    A pid and its start time together name one process even after the pid is reused.
-    """
-    try:
-        return int(stat_fields(pid)[19])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
 
 
 def handler_env(directory=None) -> dict:
