@@ -53,9 +53,11 @@ def request(address: str, message: Buffer, timeout: Optional[float] = None) -> b
     ``message`` is bytes-like; encode a str first. ``timeout`` bounds the
     whole request, connect included, in seconds (None: no limit).
 
-    Raises RequestFailed when the server resets the connection, which is
-    how it reports a failed request; TimeoutError when ``timeout`` passes;
-    and OSError (for example ConnectionRefusedError) when it cannot connect.
+    Raises:
+        RequestFailed: the server reset the connection, which is how it
+            reports a failed request.
+        TimeoutError: ``timeout`` passed.
+        OSError: the connection failed, as ConnectionRefusedError does.
     """
     host, port = parse_address(address)
     frame = pack(message)

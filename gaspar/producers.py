@@ -3,9 +3,12 @@
 One thread runs one ``selectors`` loop over the listening socket, every
 client connection, the 0MQ socket that carries replies, the fork server's
 control socket and each worker's sentinel. This module reads requests and
-writes replies; gaspar._connection does the socket I/O of one connection,
-gaspar._dispatch records which worker has which request, gaspar._supervisor
-keeps the workers running, and gaspar._loop runs the selector and timers.
+writes replies. The rest of the daemon lives beside it:
+
+- gaspar._connection: the socket I/O of one connection;
+- gaspar._dispatch: which worker has which request;
+- gaspar._supervisor: keeping the workers running;
+- gaspar._loop: the selector, timers and signal wake-ups.
 """
 
 from __future__ import annotations

@@ -160,3 +160,33 @@ def start_time(pid: int):
         return int(stat_fields(pid)[19])
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def record_process_tree(root_pid: int, tree: dict) -> None:
+    """Add each living descendant of root_pid to tree, as pid -> start time."""
+    for pid in descendant_pids(root_pid):
+        tree.setdefault(pid, start_time(pid))
+
+
+def kill_process_tree(process, tree: dict) -> None:
+    """SIGKILL a subprocess and every process recorded in tree; wait until all are gone.
+
+    Orphans are reparented away from this process once ``process`` dies, so
+    they are killed by their recorded pid, and only while that pid still has
+    its recorded start time (a reused pid belongs to another process).
+    """
+    if process.poll() is None:
+        record_process_tree(process.pid, tree)
+        process.kill()
+    process.wait()
+    for pid, started in tree.items():
+        if not process_gone(pid) and start_time(pid) == started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    wait_for(
+        lambda: all(process_gone(pid) or start_time(pid) != started for pid, started in tree.items()),
+        10,
+        f"the processes {sorted(tree)} to end",
+    )

@@ -33,7 +33,7 @@ import gaspar._supervisor
 from gaspar import client
 from gaspar._rejections import HANDLER_ERROR, TIMEOUT, WORKER_DIED
 
-from conftest import descendant_pids, parent_pid, process_gone, start_time, subprocess_env, wait_for
+from conftest import descendant_pids, kill_process_tree, parent_pid, process_gone, record_process_tree, subprocess_env, wait_for
 
 MIB = 1024 * 1024
 
@@ -579,8 +579,7 @@ class Daemon:
         raise AssertionError(f"metric {name} not found in:\n{body}")
 
     def _record_tree(self) -> None:
-        for pid in descendant_pids(self.process.pid):
-            self.tree.setdefault(pid, start_time(pid))
+        record_process_tree(self.process.pid, self.tree)
 
     def _read_lines(self) -> None:
         for line in self.process.stderr:
@@ -618,26 +617,12 @@ class Daemon:
 
     def close(self) -> None:
         """SIGKILL the daemon, its fork server and its workers, wait until all are gone, and print the log."""
-        if self.process.poll() is None:
-            self._record_tree()
-            self.process.kill()
-        self.process.wait()
-        # Orphans were reparented away from this process, so they are killed by their recorded pid,
-        # and only while that pid still has its recorded start time.
-        for pid, started in self.tree.items():
-            if not process_gone(pid) and start_time(pid) == started:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self._reader.join(10)
-        self.process.stderr.close()
-        print(f"daemon log:\n{self.log_text()}")
-        wait_for(
-            lambda: all(process_gone(pid) or start_time(pid) != started for pid, started in self.tree.items()),
-            10,
-            f"the daemon's processes {sorted(self.tree)} to end",
-        )
+        try:
+            kill_process_tree(self.process, self.tree)
+        finally:
+            self._reader.join(10)
+            self.process.stderr.close()
+            print(f"daemon log:\n{self.log_text()}")
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ import gaspar
 import gaspar.examples
 from gaspar import client
 
-from conftest import descendant_pids, process_gone, start_time, subprocess_env, wait_for
+from conftest import descendant_pids, kill_process_tree, process_gone, record_process_tree, subprocess_env, wait_for
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -219,8 +219,7 @@ class ServeDaemon:
         return self.wait_for_line(pattern, timeout)
 
     def record_tree(self) -> None:
-        for pid in descendant_pids(self.process.pid):
-            self.tree.setdefault(pid, start_time(pid))
+        record_process_tree(self.process.pid, self.tree)
 
     def stop(self, timeout: float = 20) -> int:
         """Send SIGTERM and return the exit status once the process and its log have ended."""
@@ -232,26 +231,12 @@ class ServeDaemon:
 
     def close(self) -> None:
         """SIGKILL the daemon, its fork server and its workers, and wait until all are gone."""
-        if self.process.poll() is None:
-            self.record_tree()
-            self.process.kill()
-        self.process.wait()
-        # Orphans were reparented away from this process, so they are killed by
-        # their recorded pid, and only while that pid has its recorded start time.
-        for pid, started in self.tree.items():
-            if not process_gone(pid) and start_time(pid) == started:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self._reader.join(10)
-        self.process.stderr.close()
-        print(f"gaspar serve log:\n{self.log_text()}")
-        wait_for(
-            lambda: all(process_gone(pid) or start_time(pid) != started for pid, started in self.tree.items()),
-            10,
-            f"the daemon's processes {sorted(self.tree)} to end",
-        )
+        try:
+            kill_process_tree(self.process, self.tree)
+        finally:
+            self._reader.join(10)
+            self.process.stderr.close()
+            print(f"gaspar serve log:\n{self.log_text()}")
 
 
 @pytest.fixture
