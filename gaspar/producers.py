@@ -589,7 +589,10 @@ class Producer:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
-            sock.setblocking(False)
+            if sock.gettimeout() is not None:
+                # socket.setdefaulttimeout() gave it a timeout, under which a
+                # MSG_DONTWAIT call would still wait for readiness.
+                sock.setblocking(False)
             conn = Connection(sock, time.monotonic())
             self._connections[conn.fd] = conn
             self._counters["accepted"] += 1

@@ -7,7 +7,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
@@ -139,6 +138,26 @@ def test_producer_ignores_bytes_after_frame(start_producer):
     reply = raw_request(producer.server_addr, client.pack(b"first") + client.pack(b"second") + b"junk")
 
     assert reply == b"first"
+
+
+def test_producer_serves_under_default_socket_timeout(start_producer):
+    # Accepted sockets take the default timeout, under which a read that
+    # finds no data would wait for it instead of returning at once.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        producer = start_producer(echo, processes=1)
+        with socket.create_connection(producer.server_addr, timeout=10) as slow:
+            slow.sendall(client.pack(b"slow")[:3])
+            # The producer must not wait on the slow client to serve this one.
+            started = time.monotonic()
+            assert client.request(producer.address, b"fast", timeout=10) == b"fast"
+            assert time.monotonic() - started < 4.0
+            slow.sendall(client.pack(b"slow")[3:])
+            slow.shutdown(socket.SHUT_WR)
+            assert slow.recv(64) == b"slow"
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def test_producer_zero_length_request_closes(start_producer):
