@@ -180,8 +180,8 @@ class Connection:
     def close(self) -> None:
         """Close after a complete reply, so the client reads a FIN.
 
-        Bytes the client sent after its frame are not read: Linux answers
-        them with a reset, as the protocol allows one request per connection.
+        Bytes the client sent after its frame are not read, so Linux sends a
+        reset for them: the protocol allows one request per connection.
         """
         sock = self.sock
         try:

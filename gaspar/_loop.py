@@ -52,9 +52,23 @@ class EventLoop:
         """Return when the earliest timer is due (time.monotonic()), or None."""
         return self._timers[0][0] if self._timers else None
 
-    def run_once(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for events; run their callbacks and the due timers."""
-        for key, mask in self.selector.select(timeout):
+    def run_once(self, timeout: float, busy_poll: float = 0.0) -> None:
+        """Wait up to ``timeout`` seconds for events; run their callbacks and the due timers.
+
+        With ``busy_poll``, poll without sleeping for up to that many seconds
+        first, and sleep only if nothing arrived by then.
+        """
+        select = self.selector.select
+        if busy_poll and timeout > 0:
+            deadline = time.perf_counter() + busy_poll
+            events = select(0)
+            while not events and time.perf_counter() < deadline:
+                events = select(0)
+            if not events:
+                events = select(timeout)
+        else:
+            events = select(timeout)
+        for key, mask in events:
             key.data(key.fileobj, mask)
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:

@@ -69,6 +69,12 @@ ACCEPT_PAUSE = 0.5
 # Maximum time the loop sleeps, in seconds, so periodic work (log summaries) still runs.
 MAX_POLL_TIMEOUT = 1.0
 
+# Seconds the loop polls without sleeping before it blocks, while requests
+# are in flight and none waits for a worker. A reply that arrives meanwhile
+# skips a thread wake-up: about 40 µs of each 0MQ round trip on a 2-core VM.
+# When a request waits for a worker, the CPUs are busy, so the loop sleeps.
+BUSY_POLL = 50e-6
+
 _LOOP_THREAD_NAME = "gaspar-producer"
 _ACCEPT_ERRNOS_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -444,7 +450,9 @@ class Producer:
     def _poll(self, timeout: float) -> None:
         if self._replies_pending:
             timeout = 0
-        self._loop.run_once(timeout)
+        dispatcher = self._dispatcher
+        busy_poll = BUSY_POLL if dispatcher.in_flight and not dispatcher.queue else 0.0
+        self._loop.run_once(timeout, busy_poll)
         if self._replies_pending:
             self._drain_replies(None, 0)
 
