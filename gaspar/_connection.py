@@ -96,7 +96,7 @@ class Connection:
         self.parser: Optional[FrameParser] = None
         self.state = READING
         self.request_id = 0
-        # The request payload while QUEUED.
+        # The request payload while QUEUED or DISPATCHED.
         self.payload: Optional[Payload] = None
         # The worker that holds the request while DISPATCHED.
         self.worker: Optional[WorkerProcess] = None

@@ -5,17 +5,30 @@ so it always knows where every request is. That is what lets a worker's
 death fail exactly its own requests, and lets a request go to an idle
 worker instead of queueing behind a slow one, which plain PUSH round-robin
 to all workers cannot do.
+
+With prefetch above 1, a busy worker may hold more requests, queued in its
+0MQ socket behind the one it runs, so it never waits idle for its next
+request to travel to it. Each worker's ClaimRecord (gaspar._claims) keeps
+that safe: queued requests go back to the producer's queue when another
+worker is idle while their worker is still busy, and when their worker
+dies before starting them.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
 from gaspar import _messages
 from gaspar._connection import DISPATCHED, QUEUED, Connection, Payload
 from gaspar.workers import WorkerProcess
+
+# A queued request is taken back from a busy worker for an idle one once the
+# busy worker's current request has run this many seconds. Below it, the
+# queued request would not start much sooner elsewhere.
+STEAL_AFTER = 0.001
 
 
 class Dispatcher:
@@ -33,11 +46,15 @@ class Dispatcher:
         # Request id -> connection, for every DISPATCHED request.
         self.in_flight: Dict[int, Connection] = {}
         self.queue: Deque[Connection] = collections.deque()
+        # Request id -> worker, for requests whose client left while a worker
+        # held them: they keep their place until the worker replies, so a
+        # worker still running one does not look free.
+        self._orphans: Dict[int, WorkerProcess] = {}
         self._request_ids = itertools.count(1)
         self._rotation = 0
-        # (deadline, request id, worker) in dispatch order; with one timeout
-        # for all requests, deadlines come out sorted.
-        self._deadlines: Deque[Tuple[float, int, WorkerProcess]] = collections.deque()
+        # A heap of (deadline, request id, worker), one entry for the request
+        # each worker runs: the timeout counts from when the worker starts it.
+        self._deadlines: List[Tuple[float, int, WorkerProcess]] = []
 
     @property
     def load(self) -> int:
@@ -50,7 +67,6 @@ class Dispatcher:
         Raises zmq.ZMQError when the send fails; the request is then neither
         queued nor in flight.
         """
-        conn.request_id = next(self._request_ids)
         worker = self._pick()
         if worker is None:
             conn.state = QUEUED
@@ -70,7 +86,6 @@ class Dispatcher:
             if conn.state != QUEUED:
                 continue
             payload = conn.payload
-            conn.payload = None
             if payload is None:
                 failed.append((conn, RuntimeError(f"queued request {conn.request_id} has no payload")))
                 continue
@@ -80,27 +95,45 @@ class Dispatcher:
                 failed.append((conn, exc))
         return failed
 
-    def complete(self, request_id: int) -> Optional[Tuple[Connection, WorkerProcess]]:
+    def complete(self, request_id: int, now: float) -> Optional[Tuple[Connection, WorkerProcess]]:
         """Take a request back from its worker; return its connection and that worker, or None if it is gone."""
         conn = self.in_flight.pop(request_id, None)
         if conn is None:
+            orphan_worker = self._orphans.pop(request_id, None)
+            if orphan_worker is not None:
+                self._advance(orphan_worker, request_id, now)
             return None
         worker = conn.worker
         if worker is None:
             raise RuntimeError(f"request {request_id} is in flight without a worker")
-        worker.in_flight.discard(request_id)
+        self._advance(worker, request_id, now)
         worker.served += 1
+        conn.payload = None
         return conn, worker
+
+    def forget(self, request_id: int) -> Optional[Connection]:
+        """Remove a dispatched request from the records; return its connection, or None if it is gone.
+
+        The connection keeps its payload, so the request can be sent again.
+        """
+        conn = self.in_flight.pop(request_id, None)
+        if conn is None:
+            return None
+        if conn.worker is not None:
+            conn.worker.in_flight.pop(request_id, None)
+        return conn
 
     def discard(self, conn: Connection) -> None:
         """Forget a request whose connection is closing before its reply."""
         if conn.state == DISPATCHED:
-            self.in_flight.pop(conn.request_id, None)
-            if conn.worker is not None:
-                conn.worker.in_flight.discard(conn.request_id)
+            if self.in_flight.pop(conn.request_id, None) is not None and conn.worker is not None:
+                self._orphans[conn.request_id] = conn.worker
         elif conn.state == QUEUED:
             # O(n), but the queue is bounded by the in-flight limit.
-            self.queue.remove(conn)
+            # send_queued() takes a connection off the queue before a send
+            # that may fail, and its caller then discards it.
+            if conn in self.queue:
+                self.queue.remove(conn)
             conn.payload = None
 
     def add_worker(self, worker: WorkerProcess) -> None:
@@ -113,24 +146,97 @@ class Dispatcher:
             self.ready.remove(worker)
 
     def remove_worker(self, worker: WorkerProcess) -> List[Connection]:
-        """Forget a dead worker; return the connections of the requests it held."""
+        """Forget a dead worker; return the connections of the requests it held, in the order it got them.
+
+        Their payloads stay, so the caller can requeue those the worker never started.
+        """
         self.pause_worker(worker)
         lost = []
         for request_id in worker.in_flight:
             conn = self.in_flight.pop(request_id, None)
             if conn is not None:
                 lost.append(conn)
+            else:
+                self._orphans.pop(request_id, None)
         worker.in_flight.clear()
         return lost
 
+    def take_back(self, worker: WorkerProcess, started: int, through: Optional[int] = None) -> List[Connection]:
+        """Remove the requests ``worker`` holds with ids above ``started`` (and up to ``through``).
+
+        Returns their connections, payloads kept, in the order the worker
+        got them; the caller requeues them. The worker must never run them:
+        it is dead, or its ClaimRecord revoked them.
+        """
+        reclaimed = []
+        for request_id in list(worker.in_flight):
+            if request_id <= started or (through is not None and request_id > through):
+                continue
+            del worker.in_flight[request_id]
+            self._orphans.pop(request_id, None)
+            conn = self.in_flight.pop(request_id, None)
+            if conn is not None:
+                reclaimed.append(conn)
+        if reclaimed and worker.in_flight and self.timeout is not None:
+            # The first request left may not have an entry yet.
+            heapq.heappush(self._deadlines, (worker.busy_since + self.timeout, next(iter(worker.in_flight)), worker))
+        return reclaimed
+
+    def requeue(self, conns: List[Connection]) -> None:
+        """Put requests that no worker started back at the head of the queue, in their order.
+
+        Each connection must hold its payload; a later send gives it a new request id.
+        """
+        for conn in reversed(conns):
+            conn.state = QUEUED
+            conn.worker = None
+            self.queue.appendleft(conn)
+
+    def steal(self, now: float, workers: Iterable[WorkerProcess]) -> Optional[float]:
+        """Take queued requests back from busy ``workers`` while a ready worker is idle.
+
+        A worker gives up requests queued behind its current one once that
+        one has run STEAL_AFTER seconds. It gives up as many as there are
+        idle workers, oldest first, and they go to the head of the queue for
+        send_queued(). Returns when to call again (time.monotonic()), or None.
+        """
+        idle = sum(1 for worker in self.ready if not worker.in_flight)
+        retry_at: Optional[float] = None
+        for worker in workers:
+            if idle == 0:
+                break
+            held_ids = list(worker.in_flight)
+            if len(held_ids) < 2 or worker.claims is None:
+                continue
+            due = worker.busy_since + STEAL_AFTER
+            if due > now:
+                retry_at = due if retry_at is None else min(retry_at, due)
+                continue
+            fence = held_ids[min(idle, len(held_ids) - 1)]
+            started = worker.claims.revoke_through(fence)
+            if started is None:
+                # The worker is claiming a request at this moment.
+                retry_at = now
+                continue
+            reclaimed = self.take_back(worker, started, through=fence)
+            self.requeue(reclaimed)
+            idle -= len(reclaimed)
+        return retry_at
+
     def expired(self, now: float) -> List[Tuple[WorkerProcess, int]]:
-        """Return (worker, request id) for each request held past the timeout."""
+        """Return (worker, request id) for each request that has run past the timeout."""
         expired = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, request_id, worker = deadlines.popleft()
-            if request_id in worker.in_flight:
-                expired.append((worker, request_id))
+            _, request_id, worker = heapq.heappop(deadlines)
+            if not worker.in_flight or next(iter(worker.in_flight)) != request_id:
+                # Replied to already. A request queued behind it gets its own entry when it starts.
+                continue
+            started = worker.busy_since
+            if self.timeout is not None and started + self.timeout > now:
+                heapq.heappush(deadlines, (started + self.timeout, request_id, worker))
+                continue
+            expired.append((worker, request_id))
         return expired
 
     def next_deadline(self) -> Optional[float]:
@@ -155,15 +261,30 @@ class Dispatcher:
                 best_load = load
         return best
 
+    def _advance(self, worker: WorkerProcess, request_id: int, now: float) -> None:
+        """Record that ``worker`` replied to ``request_id`` and goes on with the next one it holds."""
+        worker.in_flight.pop(request_id, None)
+        worker.busy_since = now
+        if worker.in_flight and self.timeout is not None:
+            heapq.heappush(self._deadlines, (now + self.timeout, next(iter(worker.in_flight)), worker))
+
     def _send(self, worker: WorkerProcess, conn: Connection, payload: Payload, now: float) -> None:
-        request_id = conn.request_id
+        # A new id for every send, also of a request taken back from another
+        # worker, so the ids one worker gets only grow: its ClaimRecord's
+        # revoke mark relies on that.
+        request_id = next(self._request_ids)
         push = worker.push
         if push is None:
             raise RuntimeError(f"worker {worker.worker_id} takes requests but has no 0MQ socket")
         _messages.send_message(push, _messages.REQUEST, request_id, payload)
+        conn.request_id = request_id
         conn.state = DISPATCHED
         conn.worker = worker
-        worker.in_flight.add(request_id)
+        # Kept until the reply, to send it again if it is taken back.
+        conn.payload = payload
+        if not worker.in_flight:
+            worker.busy_since = now
+            if self.timeout is not None:
+                heapq.heappush(self._deadlines, (now + self.timeout, request_id, worker))
+        worker.in_flight[request_id] = None
         self.in_flight[request_id] = conn
-        if self.timeout is not None:
-            self._deadlines.append((now + self.timeout, request_id, worker))

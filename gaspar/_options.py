@@ -109,7 +109,8 @@ OPTIONS: Tuple[Option, ...] = (
     ),
     Option(
         "prefetch", int, 1, 1, 2**20, "N",
-        "requests one worker may hold at once; with 1 a request only goes to an idle worker",
+        "requests one worker may hold at once, queued behind the one it runs; with 1 a "
+        "request only goes to an idle worker",
     ),
     Option(
         "backlog", int, 1024, 1, 2**20, "N",

@@ -16,11 +16,12 @@ import random
 import selectors
 import signal
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import zmq
 
 from gaspar import _messages
+from gaspar._claims import ClaimRecord
 from gaspar._connection import Connection
 from gaspar._dispatch import Dispatcher
 from gaspar._loop import EventLoop
@@ -52,7 +53,8 @@ class Supervisor:
     """Keeps the producer's workers running and tells the dispatcher which ones take work.
 
     ``fail_request(conn, cause, detail)`` resets a client whose request was
-    lost; ``fail(error)`` stops the producer for good.
+    lost; ``send_queued()`` sends queued requests to free workers;
+    ``fail(error)`` stops the producer for good.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class Supervisor:
         max_worker_memory: Optional[int],
         timeout: Optional[float],
         fail_request: FailRequest,
+        send_queued: Callable[[], None],
         fail: Callable[[BaseException], None],
     ) -> None:
         self.consumer = consumer
@@ -80,6 +83,7 @@ class Supervisor:
         self.max_worker_memory = max_worker_memory
         self.timeout = timeout
         self._fail_request = fail_request
+        self._send_queued = send_queued
         self._fail = fail
         self.context: Optional[zmq.Context[zmq.Socket[bytes]]] = None
         # Before startup ends, a worker that fails to start fails start().
@@ -108,6 +112,9 @@ class Supervisor:
     def reply_endpoint(self) -> str:
         return f"ipc://{self.runtime_dir}/replies"
 
+    def claims_path(self, worker_id: int) -> str:
+        return os.path.join(self.runtime_dir, f"worker-{worker_id}.claims")
+
     def run_worker(self, worker_id: int, reload: bool) -> int:
         """Serve requests in a new worker process until STOP; return its exit code."""
         consumer = self.consumer
@@ -123,6 +130,7 @@ class Supervisor:
             worker_id,
             self.request_endpoint(worker_id),
             self.reply_endpoint(),
+            self.claims_path(worker_id),
             max_memory=max_memory,
         )
         return loop.run()
@@ -137,6 +145,12 @@ class Supervisor:
             self._early_ready[worker_id] = pid
             return
         self._connect(worker)
+        try:
+            worker.claims = ClaimRecord.open(self.claims_path(worker_id))
+        except OSError as exc:
+            # NOTE: without its record, the worker's queued requests are
+            # neither taken back for idle workers nor resent after its death.
+            log.warning("worker %d (pid %d): cannot open its claim record: %s", worker_id, pid, exc)
         worker.ready = True
         if self.max_requests is not None:
             worker.max_served = self.max_requests + random.randint(0, self.max_requests_jitter)
@@ -221,9 +235,11 @@ class Supervisor:
                 worker.pid,
             )
             self.forker.kill(worker, signal.SIGKILL)
-            for conn in self.dispatcher.remove_worker(worker):
-                cause = TIMEOUT if conn.request_id == request_id else WORKER_DIED
-                self._fail_request(conn, cause, f"worker {worker.worker_id} (pid {worker.pid}) was killed")
+            self.dispatcher.pause_worker(worker)
+            conn = self.dispatcher.forget(request_id)
+            if conn is not None:
+                self._fail_request(conn, TIMEOUT, f"worker {worker.worker_id} (pid {worker.pid}) was killed")
+            # The requests queued behind it are resent or failed once the worker is dead.
 
     def after_reply(self, worker: WorkerProcess, over_memory: bool) -> None:
         """Recycle a worker that is over its memory limit or served its max_requests."""
@@ -310,6 +326,9 @@ class Supervisor:
             if worker.push is not None:
                 worker.push.close(linger=0)
                 worker.push = None
+            if worker.claims is not None:
+                worker.claims.close(unlink=True)
+                worker.claims = None
 
     def _connect(self, worker: WorkerProcess) -> zmq.Socket[bytes]:
         """Connect a PUSH socket to a worker's request endpoint, store it in ``worker.push`` and return it."""
@@ -339,21 +358,36 @@ class Supervisor:
             worker.push.close(linger=0)
             worker.push = None
         self.dispatcher.pause_worker(worker)
+        # The worker is dead, so its claim record is final: the requests it
+        # never started go to other workers now.
+        resent = 0
+        if worker.claims is not None:
+            unstarted = self.dispatcher.take_back(worker, worker.claims.started)
+            worker.claims.close(unlink=True)
+            worker.claims = None
+            if unstarted:
+                resent = len(unstarted)
+                self.dispatcher.requeue(unstarted)
+                self._send_queued()
         # Replies the worker sent just before it exited may still be on their
-        # way through 0MQ, so its requests fail only after a grace period.
-        self.loop.call_later(REPLY_GRACE, functools.partial(self._fail_held, worker))
+        # way through 0MQ, so the requests it started fail only after a grace period.
+        self.loop.call_later(REPLY_GRACE, functools.partial(self._fail_held, worker, resent))
 
-    def _fail_held(self, worker: WorkerProcess) -> None:
-        """Fail the requests a dead worker still holds once its late replies had time to arrive."""
-        lost: List[Connection] = self.dispatcher.remove_worker(worker)
+    def _fail_held(self, worker: WorkerProcess, resent: int) -> None:
+        """Fail the requests a dead worker started once its late replies had time to arrive.
+
+        ``resent`` is how many requests it never started went to other workers.
+        """
+        lost = self.dispatcher.remove_worker(worker)
         for conn in lost:
             self._fail_request(conn, WORKER_DIED, f"worker {worker.worker_id} (pid {worker.pid}) died")
-        if lost or not (self.stopping or worker.stop_sent or worker.timed_out or not worker.ready):
+        if lost or resent or not (self.stopping or worker.stop_sent or worker.timed_out or not worker.ready):
             log.warning(
-                "worker %d (pid %d) died; %s failed with it",
+                "worker %d (pid %d) died; %s failed with it%s",
                 worker.worker_id,
                 worker.pid,
                 count_text(len(lost), "request it held", "requests it held"),
+                f"; {count_text(resent, 'request')} it had not started went to other workers" if resent else "",
             )
 
     def _handle_exit(self, worker: WorkerProcess, status: int) -> None:

@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 import zmq
 
 from gaspar import _messages
+from gaspar._claims import ClaimRecord
 from gaspar.consumers import Consumer, reply_to_buffer
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,15 @@ class WorkerLoop:
         worker_id: int,
         request_endpoint: str,
         reply_endpoint: str,
+        claims_path: str,
         max_memory: Optional[int] = None,
     ) -> None:
         self.consumer = consumer
         self.worker_id = worker_id
         self.request_endpoint = request_endpoint
         self.reply_endpoint = reply_endpoint
+        # Where the worker keeps its ClaimRecord, which the producer opens on READY.
+        self.claims_path = claims_path
         # Resident set size in bytes above which the worker asks to be replaced.
         self.max_memory = max_memory
 
@@ -94,6 +98,7 @@ class WorkerLoop:
         context = zmq.Context(io_threads=1)
         requests = context.socket(zmq.PULL)
         replies = context.socket(zmq.PUSH)
+        claims: Optional[ClaimRecord] = None
         try:
             requests.bind(self.request_endpoint)
             replies.connect(self.reply_endpoint)
@@ -102,23 +107,33 @@ class WorkerLoop:
             except Exception:
                 log.exception("worker %d (pid %d): setup() of %r failed", self.worker_id, os.getpid(), self.consumer)
                 return EXIT_BOOT_ERROR
+            try:
+                claims = ClaimRecord.create(self.claims_path)
+            except OSError as exc:
+                log.error("worker %d (pid %d): cannot create %s: %s", self.worker_id, os.getpid(), self.claims_path, exc)
+                return EXIT_BOOT_ERROR
 
             if _received_sigterm(wake_read):
                 # Stopped while booting: nothing was sent to this worker yet.
                 return EXIT_OK
             _messages.send_message(replies, _messages.READY, self.worker_id, _messages.PID.pack(os.getpid()))
             log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
-            self._serve(requests, replies, wake_read)
+            self._serve(requests, replies, wake_read, claims)
             return EXIT_OK
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if claims is not None:
+                # The producer reads it after this process exits, and removes it.
+                claims.close()
             requests.close(linger=0)
             replies.close(linger=_REPLY_LINGER_MS)
             context.term()
             wake_read.close()
             wake_write.close()
 
-    def _serve(self, requests: zmq.Socket[bytes], replies: zmq.Socket[bytes], wake_read: socket.socket) -> None:
+    def _serve(
+        self, requests: zmq.Socket[bytes], replies: zmq.Socket[bytes], wake_read: socket.socket, claims: ClaimRecord
+    ) -> None:
         """Serve requests until the producer sends STOP.
 
         On SIGTERM the worker sends STOPPING and keeps serving: the producer
@@ -137,7 +152,11 @@ class WorkerLoop:
                 if kind == _messages.STOP:
                     return
                 if kind == _messages.REQUEST:
-                    self._serve_one(replies, request_id, payload)
+                    if claims.claim(request_id):
+                        self._serve_one(replies, request_id, payload)
+                    else:
+                        # The producer took it back and sent it to another worker.
+                        log.debug("worker %d: skipping revoked request %d", self.worker_id, request_id)
                 else:
                     log.error("worker %d: ignoring message of unknown kind %d", self.worker_id, kind)
             if wake_fd in ready and _received_sigterm(wake_read) and not stopping:

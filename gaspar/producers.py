@@ -306,6 +306,8 @@ class Producer:
         self._loop = EventLoop(on_wake=self._handle_stop_request, on_signal=self._handle_signal)
 
         self._dispatcher = Dispatcher(self.prefetch, self.timeout)
+        # When to look again for queued requests to move to an idle worker.
+        self._steal_at: Optional[float] = None
         self._connections: Dict[int, Connection] = {}
         # Requests whose header has been read and that are not answered yet.
         self._counted = 0
@@ -329,6 +331,7 @@ class Producer:
             max_worker_memory=self.max_worker_memory,
             timeout=self.timeout,
             fail_request=self._fail_request,
+            send_queued=self._send_queued,
             fail=self._fail,
         )
         # Fork the fork server first: this process runs no thread of ours yet,
@@ -455,6 +458,11 @@ class Producer:
         self._loop.run_once(timeout, busy_poll)
         if self._replies_pending:
             self._drain_replies(None, 0)
+        self._steal_at = None
+        if dispatcher.prefetch > 1 and not dispatcher.queue and dispatcher.in_flight:
+            self._steal_at = dispatcher.steal(time.monotonic(), self.forker.workers.values())
+            if dispatcher.queue:
+                self._send_queued()
 
         now = time.monotonic()
         self._expire_reads(now)
@@ -474,6 +482,8 @@ class Producer:
         request_deadline = self._dispatcher.next_deadline()
         if request_deadline is not None:
             deadlines.append(request_deadline)
+        if self._steal_at is not None:
+            deadlines.append(self._steal_at)
         if self._stopping:
             deadlines.append(self._drain_deadline)
         return max(min(deadlines) - time.monotonic(), 0.0)
@@ -796,7 +806,7 @@ class Producer:
 
     def _handle_reply(self, kind: int, request_id: int, body: memoryview) -> None:
         dispatcher = self._dispatcher
-        completed = dispatcher.complete(request_id)
+        completed = dispatcher.complete(request_id, time.monotonic())
         if completed is None:
             log.debug("request %d: dropping the reply because its connection is already closed", request_id)
             return

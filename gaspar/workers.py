@@ -22,6 +22,8 @@ from gaspar import _forkserver
 if TYPE_CHECKING:
     import zmq
 
+    from gaspar._claims import ClaimRecord
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,9 @@ class WorkerProcess:
     """The producer's record of one worker process.
 
     ``worker_id`` is unique for the producer's lifetime, and a replacement gets
-    a new one. ``in_flight`` holds the ids of the requests the worker holds.
+    a new one. ``in_flight`` maps the ids of the requests the worker holds,
+    in the order they were sent to it, to None: the first one is the request
+    the worker runs now or will run next.
     """
 
     __slots__ = (
@@ -74,6 +78,8 @@ class WorkerProcess:
         "push",
         "exit_status",
         "generation",
+        "busy_since",
+        "claims",
     )
 
     def __init__(self, worker_id: int, pid: int, sentinel: int) -> None:
@@ -82,7 +88,7 @@ class WorkerProcess:
         self.sentinel = sentinel
         # Whether the worker ever reported ready.
         self.ready = False
-        self.in_flight: set[int] = set()
+        self.in_flight: Dict[int, None] = {}
         self.served = 0
         # Requests after which the worker is replaced; None for no limit.
         self.max_served: Optional[int] = None
@@ -97,6 +103,12 @@ class WorkerProcess:
         self.exit_status: Optional[int] = None
         # How many SIGHUP reloads had happened when the worker was forked.
         self.generation = 0
+        # time.monotonic() when the worker began its current request, as far
+        # as the producer can tell: when the request was sent to it while it
+        # held none, or when its previous reply arrived.
+        self.busy_since = 0.0
+        # The worker's record of the requests it started, open once it is ready.
+        self.claims: Optional[ClaimRecord] = None
 
     def close_sentinel(self) -> None:
         """Close the sentinel once it has read EOF or is no longer watched."""

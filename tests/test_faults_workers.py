@@ -228,7 +228,8 @@ def test_worker_death_fails_its_request(start_producer, caplog, death):
             wait_for(lambda: len(busy_workers(producer)) == 2, 10, "both workers to hold a request")
             sent_at = time.monotonic()
             os.kill(doomed_worker.pid, signal.SIGKILL)
-        # Both workers are busy or dead, so these wait in the queue and must not be failed.
+        # Both workers are busy or dead, so these wait in the daemon's queue or
+        # behind a worker's current request, and must not be failed.
         queued = [pool.submit(timed_request, producer.address, b"sleep 10 queued %d" % i) for i in range(5)]
 
         doomed_outcome, failed_at = doomed.result()
@@ -251,7 +252,13 @@ def test_worker_death_fails_its_request(start_producer, caplog, death):
 
     worker_name = f"worker {doomed_worker.worker_id} (pid {doomed_worker.pid})"
     died = log_messages(caplog, re.escape(f"{worker_name} died;"))
-    assert died == [f"{worker_name} died; 1 request it held failed with it"]
+    # Requests queued at the dead worker, if any, went to the other worker.
+    assert len(died) == 1
+    assert re.fullmatch(
+        re.escape(f"{worker_name} died; 1 request it held failed with it")
+        + r"(; \d+ requests? it had not started went to other workers)?",
+        died[0],
+    ), died
     exited = wait_for(
         lambda: log_messages(caplog, re.escape(f"{worker_name} {exit_description}")), 10, "the exit status log line"
     )
@@ -826,14 +833,14 @@ def test_daemon_tree_sigterm_answers_all(run_daemon):
     fork_server_pid = parent_pid(daemon.worker_pids[0])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        # Two requests run and two wait in the producer's queue.
+        # Two requests run and two wait, queued behind them at the workers.
         in_flight = [pool.submit(timed_request, daemon.address, b"1500 tree-%d" % number) for number in range(4)]
         # A connection still in the listen backlog at SIGTERM is refused, so
         # wait until the daemon has read all four requests.
         wait_for(
-            lambda: (daemon.metric("gaspar_requests_in_flight"), daemon.metric("gaspar_requests_queued")) == (2, 2),
+            lambda: daemon.metric("gaspar_requests_in_flight") + daemon.metric("gaspar_requests_queued") == 4,
             10,
-            "two requests running and two queued",
+            "four requests running or queued",
         )
         for pid in [daemon.process.pid, fork_server_pid] + daemon.worker_pids:
             os.kill(pid, signal.SIGTERM)
@@ -893,3 +900,88 @@ def test_simultaneous_boot_failures_one_round(start_producer, caplog, monkeypatc
     # Four rounds of retries wait 0.1 + 0.2 + 0.4 + 0.8 s before the fifth failure.
     assert time.monotonic() - killed_at >= 1.5
     assert len(log_messages(caplog, "giving up")) == 1
+
+
+# -- Requests queued at a worker (prefetch) -----------------------------------------
+
+
+def test_prefetch_dead_worker_resends_unstarted(start_producer, caplog):
+    caplog.set_level(logging.INFO, logger="gaspar")
+    # One worker, so the healthy requests queue behind the doomed one at that worker.
+    producer = start_producer(handle_command, processes=1, prefetch=4)
+    (doomed_worker,) = live_workers(producer)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        doomed = pool.submit(timed_request, producer.address, b"sleep 20000 doomed")
+        wait_for(lambda: busy_workers(producer), 10, "the doomed request to be dispatched")
+        queued = [pool.submit(timed_request, producer.address, b"queued %d" % i) for i in range(3)]
+        wait_for(lambda: len(doomed_worker.in_flight) == 4, 10, "the worker to hold all four requests")
+        os.kill(doomed_worker.pid, signal.SIGKILL)
+        doomed_outcome, _ = doomed.result()
+        queued_outcomes = [future.result()[0] for future in queued]
+
+    assert isinstance(doomed_outcome, gaspar.RequestFailed)
+    assert all(isinstance(outcome, bytes) for outcome in queued_outcomes), queued_outcomes
+    # The replacement worker served them.
+    assert {served_by(outcome) for outcome in queued_outcomes} != {doomed_worker.pid}
+    assert producer.stats()["failed"] == {WORKER_DIED: 1}
+
+    wait_settled(producer, 1)
+    worker_name = f"worker {doomed_worker.worker_id} (pid {doomed_worker.pid})"
+    died = log_messages(caplog, re.escape(f"{worker_name} died;"))
+    assert died == [f"{worker_name} died; 1 request it held failed with it; 3 requests it had not started went to other workers"]
+
+
+def test_prefetch_timeout_resends_queued(start_producer):
+    producer = start_producer(handle_command, processes=1, prefetch=4, timeout=0.5)
+    (hung_worker,) = live_workers(producer)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        hung = pool.submit(timed_request, producer.address, b"sleep 30000 hang")
+        wait_for(lambda: busy_workers(producer), 10, "the hanging request to be dispatched")
+        queued = [pool.submit(timed_request, producer.address, b"queued %d" % i) for i in range(3)]
+        hung_outcome, _ = hung.result()
+        queued_outcomes = [future.result()[0] for future in queued]
+
+    assert isinstance(hung_outcome, gaspar.RequestFailed)
+    assert all(isinstance(outcome, bytes) for outcome in queued_outcomes), queued_outcomes
+    assert hung_worker.pid not in {served_by(outcome) for outcome in queued_outcomes}
+    assert producer.stats()["failed"] == {TIMEOUT: 1}
+    wait_settled(producer, 1)
+
+
+def test_prefetch_timeout_counts_from_start(start_producer):
+    # Each request runs 300 ms, under the 0.5 s timeout, but the last one
+    # waits about 600 ms at the worker before it starts.
+    producer = start_producer(handle_command, processes=1, prefetch=4, timeout=0.5)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(timed_request, producer.address, b"sleep 300 request %d" % i) for i in range(3)]
+        outcomes = [future.result()[0] for future in futures]
+
+    assert all(isinstance(outcome, bytes) for outcome in outcomes), outcomes
+    assert producer.stats()["failed"] == {}
+
+
+def test_prefetch_idle_worker_takes_queued_request(start_producer):
+    producer = start_producer(handle_command, processes=2, prefetch=4, graceful_timeout=0.5)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        long = pool.submit(timed_request, producer.address, b"sleep 20000 long")
+        wait_for(lambda: len(busy_workers(producer)) == 1, 10, "the long request to be dispatched")
+        short = pool.submit(timed_request, producer.address, b"sleep 200 short")
+        wait_for(lambda: len(busy_workers(producer)) == 2, 10, "the short request to be dispatched")
+        # Both workers are busy, so these two queue at the workers, one behind each request.
+        queued = [pool.submit(timed_request, producer.address, b"queued %d" % i) for i in range(2)]
+
+        # The one queued behind the long request must move to the other
+        # worker once that worker is idle, and not wait for the long request.
+        for future in queued:
+            outcome, _ = future.result(timeout=10)
+            assert isinstance(outcome, bytes), outcome
+        short_outcome, _ = short.result(timeout=10)
+        long_still_running = not long.done()
+        producer.stop(timeout=30)
+
+    assert isinstance(short_outcome, bytes)
+    assert long_still_running

@@ -1,0 +1,107 @@
+"""Tests of the claim record a worker shares with the producer, on real files and processes."""
+
+import fcntl
+import os
+
+import pytest
+
+from gaspar._claims import ClaimRecord
+
+
+@pytest.fixture
+def records(tmp_path):
+    """Return the worker's and the producer's view of one claim record."""
+    path = str(tmp_path / "worker-1.claims")
+    worker_view = ClaimRecord.create(path)
+    producer_view = ClaimRecord.open(path)
+    yield worker_view, producer_view
+    worker_view.close()
+    producer_view.close(unlink=True)
+
+
+def test_claims_claim_shows_in_other_process_view(records):
+    worker_view, producer_view = records
+
+    assert worker_view.claim(7)
+
+    assert producer_view.started == 7
+
+
+def test_claims_revoke_returns_last_started(records):
+    worker_view, producer_view = records
+    worker_view.claim(3)
+
+    assert producer_view.revoke_through(5) == 3
+
+
+def test_claims_revoked_request_cannot_be_claimed(records):
+    worker_view, producer_view = records
+    worker_view.claim(3)
+    producer_view.revoke_through(5)
+
+    assert not worker_view.claim(4)
+    assert not worker_view.claim(5)
+    assert worker_view.claim(6)
+    assert producer_view.started == 6
+
+
+def test_claims_revoke_mark_never_moves_back(records):
+    worker_view, producer_view = records
+    producer_view.revoke_through(9)
+    producer_view.revoke_through(4)
+
+    assert not worker_view.claim(8)
+
+
+def test_claims_revoke_skipped_while_worker_holds_lock(records):
+    worker_view, producer_view = records
+
+    fcntl.flock(worker_view._fd, fcntl.LOCK_EX)
+    try:
+        assert producer_view.revoke_through(5) is None
+    finally:
+        fcntl.flock(worker_view._fd, fcntl.LOCK_UN)
+
+    assert worker_view.claim(5)
+
+
+def test_claims_started_survives_process_death(tmp_path):
+    path = str(tmp_path / "worker-2.claims")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            record = ClaimRecord.create(path)
+            record.claim(41)
+            record.claim(42)
+            code = 0
+        finally:
+            # Exit without closing anything, as a crash would.
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+    record = ClaimRecord.open(path)
+    try:
+        assert record.started == 42
+        # A dead process holds no lock.
+        assert record.revoke_through(50) == 42
+    finally:
+        record.close(unlink=True)
+    assert not os.path.exists(path)
+
+
+def test_claims_create_rejects_existing_file(tmp_path):
+    path = tmp_path / "worker-3.claims"
+    path.write_bytes(b"")
+
+    with pytest.raises(FileExistsError):
+        ClaimRecord.create(str(path))
+
+
+def test_claims_closed_record_raises(tmp_path):
+    record = ClaimRecord.create(str(tmp_path / "worker-4.claims"))
+    record.close()
+
+    with pytest.raises(ValueError, match="closed"):
+        record.started
