@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from benchmarks.cells import CELLS_BY_NAME, LONG_RUN_CELL, SERVER_NAMES, SERVER_TITLES
+from benchmarks.cells import CELLS_BY_NAME, GASPAR_SERVERS, LONG_RUN_CELL, SERVER_NAMES, SERVER_TITLES
 from benchmarks.stats import Target, ratio
 
 # A run whose load generator used more than this share of one core may have
@@ -113,20 +113,24 @@ def cell_table(servers: Dict[str, dict], skipped: Sequence[str] = ()) -> List[st
 
 
 def ratio_lines(servers: Dict[str, dict]) -> List[str]:
-    """Return "gaspar vs PEER" lines: throughput and latency ratios (above 1 means gaspar is higher)."""
-    gaspar = servers.get("gaspar")
-    if gaspar is None:
-        return []
+    """Return "GASPAR / PEER" lines for each gaspar server and each peer: throughput and latency ratios.
+
+    Above 1 means gaspar is higher.
+    """
     lines = []
-    for peer in SERVER_NAMES[1:]:
-        other = servers.get(peer)
-        if other is None:
+    for name in GASPAR_SERVERS:
+        gaspar = servers.get(name)
+        if gaspar is None:
             continue
-        parts = []
-        for label, key in (("req/s", "requests_per_second"), ("p50", "p50_us"), ("p99", "p99_us")):
-            value = ratio(gaspar[key], other[key])
-            parts.append(f"{label} {'-' if math.isnan(value) else f'{value:.2f}x'}")
-        lines.append(f"gaspar / {SERVER_TITLES[peer]}: " + ", ".join(parts))
+        for peer in SERVER_NAMES:
+            other = servers.get(peer)
+            if peer in GASPAR_SERVERS or other is None:
+                continue
+            parts = []
+            for label, key in (("req/s", "requests_per_second"), ("p50", "p50_us"), ("p99", "p99_us")):
+                value = ratio(gaspar[key], other[key])
+                parts.append(f"{label} {'-' if math.isnan(value) else f'{value:.2f}x'}")
+            lines.append(f"{SERVER_TITLES[name]} / {SERVER_TITLES[peer]}: " + ", ".join(parts))
     return lines
 
 

@@ -1,6 +1,6 @@
 """The Python servers under test, each run as its own process by the harness.
 
-    python -m benchmarks.servers gaspar|asyncio-pool|python-inline --handler echo|sha256 [--rounds N] [--workers N]
+    python -m benchmarks.servers gaspar|gaspar-prefetch4|asyncio-pool|python-inline --handler echo|sha256 [--rounds N] [--workers N]
 
 Each listens on 127.0.0.1 at an ephemeral port, prints "PORT <n>" on stdout
 once it can serve, and serves the gaspar wire protocol until SIGTERM or
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import select
@@ -69,11 +70,14 @@ def announce_port(port: int) -> None:
 # -- gaspar -------------------------------------------------------------------
 
 
-def serve_gaspar(handler: Handler, workers: int) -> None:
-    """Serve with gaspar.Producer: this process is the producer, the workers are forked."""
+def serve_gaspar(handler: Handler, workers: int, **options: int) -> None:
+    """Serve with gaspar.Producer: this process is the producer, the workers are forked.
+
+    ``options`` are Producer options; none means the defaults.
+    """
     import gaspar
 
-    producer = gaspar.Producer(gaspar.Consumer(handler=handler), 0, processes=workers, host=HOST)
+    producer = gaspar.Producer(gaspar.Consumer(handler=handler), 0, processes=workers, host=HOST, **options)
     producer.start(blocking=False)
     # Installed after start(), so the fork server and workers keep their own signal setup.
     stop_signal = StopSignal()
@@ -315,6 +319,7 @@ def serve_python_inline(handler: Handler, workers: int) -> None:
 
 SERVERS = {
     "gaspar": serve_gaspar,
+    "gaspar-prefetch4": functools.partial(serve_gaspar, prefetch=4),
     "asyncio-pool": serve_asyncio_pool,
     "python-inline": serve_python_inline,
 }
