@@ -446,7 +446,11 @@ def test_flood_connections_capped(start_producer):
     assert seconds < 4
     assert sampler.samples > 50
     assert sampler.maximum <= 20
-    assert producer.stats()["failed"].get("read timeout") == 40
+    # The last idle connections may still wait out their read timeout after
+    # the healthy requests are answered.
+    wait_for(
+        lambda: producer.stats()["failed"].get("read timeout") == 40, 10, "every idle connection to time out"
+    )
 
 
 EMFILE_DAEMON = textwrap.dedent(
