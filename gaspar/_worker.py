@@ -28,6 +28,10 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # How long a stopping worker keeps trying to deliver its last replies, in ms.
 _REPLY_LINGER_MS = 2000
+# How long a worker waits for its 0MQ I/O thread to take its last message
+# before it sends another or starts a request, in ms. Only a producer that
+# stopped reading makes it wait that long.
+_SEND_WAIT_MS = 30_000
 
 
 def die_with_parent() -> None:
@@ -98,6 +102,9 @@ class WorkerLoop:
         context = zmq.Context(io_threads=1)
         requests = context.socket(zmq.PULL)
         replies = context.socket(zmq.PUSH)
+        # One message at most waits in this process for the 0MQ I/O thread,
+        # so "writable" means the last one has left (see _wait_sent).
+        replies.setsockopt(zmq.SNDHWM, 1)
         claims: Optional[ClaimRecord] = None
         try:
             requests.bind(self.request_endpoint)
@@ -116,7 +123,7 @@ class WorkerLoop:
             if _received_sigterm(wake_read):
                 # Stopped while booting: nothing was sent to this worker yet.
                 return EXIT_OK
-            _messages.send_message(replies, _messages.READY, self.worker_id, _messages.PID.pack(os.getpid()))
+            self._send(replies, _messages.READY, self.worker_id, _messages.PID.pack(os.getpid()))
             log.debug("worker %d (pid %d) ready", self.worker_id, os.getpid())
             self._serve(requests, replies, wake_read, claims)
             return EXIT_OK
@@ -152,6 +159,9 @@ class WorkerLoop:
                 if kind == _messages.STOP:
                     return
                 if kind == _messages.REQUEST:
+                    # A crash while the last reply is still in this process
+                    # would lose that reply, so let it leave first.
+                    self._wait_sent(replies)
                     if claims.claim(request_id):
                         self._serve_one(replies, request_id, payload)
                     else:
@@ -162,13 +172,37 @@ class WorkerLoop:
             if wake_fd in ready and _received_sigterm(wake_read) and not stopping:
                 stopping = True
                 log.info("worker %d (pid %d) received SIGTERM; stopping after its requests", self.worker_id, os.getpid())
-                _messages.send_message(replies, _messages.STOPPING, self.worker_id)
+                self._send(replies, _messages.STOPPING, self.worker_id)
 
     def _serve_one(self, replies: zmq.Socket[bytes], request_id: int, payload: memoryview) -> None:
         kind, reply = self._run_handler(request_id, payload.tobytes())
         if self.max_memory is not None and resident_memory() > self.max_memory:
             kind |= _messages.RECYCLE_FLAG
-        _messages.send_message(replies, kind, request_id, reply)
+        self._send(replies, kind, request_id, reply)
+
+    def _wait_sent(self, replies: zmq.Socket[bytes]) -> None:
+        """Wait until the 0MQ I/O thread has taken the last message sent on ``replies``.
+
+        With SNDHWM 1 the socket is writable exactly when no message waits
+        in this process, and the I/O thread writes a message to the kernel
+        as soon as it takes it. From then on the message survives a crash
+        of this process.
+
+        NOTE: a message larger than the socket's kernel buffer is written
+        in parts, so a crash during that write can still lose it.
+        """
+        if not replies.poll(_SEND_WAIT_MS, zmq.POLLOUT):
+            log.warning(
+                "worker %d (pid %d): the producer took no message for %d s",
+                self.worker_id,
+                os.getpid(),
+                _SEND_WAIT_MS // 1000,
+            )
+
+    def _send(self, replies: zmq.Socket[bytes], kind: int, value: int, body: Union[bytes, bytearray, memoryview] = b"") -> None:
+        """Send one message to the producer once the previous one has left; raise zmq.Again if it never does."""
+        self._wait_sent(replies)
+        _messages.send_message(replies, kind, value, body)
 
     def _run_handler(self, request_id: int, message: bytes) -> Tuple[int, Union[bytes, bytearray, memoryview]]:
         """Run the handler on one request; return the message kind (REPLY or FAILED) and the reply body."""

@@ -985,3 +985,21 @@ def test_prefetch_idle_worker_takes_queued_request(start_producer):
 
     assert isinstance(short_outcome, bytes)
     assert long_still_running
+
+
+def test_prefetch_crash_keeps_previous_reply(start_producer):
+    # The worker finishes one request and crashes on the next, queued right
+    # behind it. The first reply must have left the worker before the crash.
+    producer = start_producer(handle_command, processes=1, prefetch=4)
+
+    for round_number in range(10):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            healthy = pool.submit(timed_request, producer.address, b"sleep 100 healthy %d" % round_number)
+            wait_for(lambda: busy_workers(producer), 10, "the healthy request to be dispatched")
+            doomed = pool.submit(timed_request, producer.address, b"exit")
+            healthy_outcome, _ = healthy.result()
+            doomed_outcome, _ = doomed.result()
+
+        assert isinstance(healthy_outcome, bytes), (round_number, healthy_outcome)
+        assert isinstance(doomed_outcome, gaspar.RequestFailed), (round_number, doomed_outcome)
+        wait_settled(producer, 1)
