@@ -117,12 +117,18 @@ class WorkerProcess:
             self.sentinel = -1
 
     def is_alive(self) -> bool:
-        """Return whether the process is still running."""
-        if self.sentinel < 0:
+        """Return whether the process is still running; safe from any thread."""
+        # Read once: the producer's thread may close the sentinel meanwhile.
+        sentinel = self.sentinel
+        if sentinel < 0:
             return False
         poller = select.poll()
-        poller.register(self.sentinel, select.POLLIN)
-        return not poller.poll(0)
+        try:
+            poller.register(sentinel, select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            # Closed between the read and the poll: the worker has exited.
+            return False
 
     def __repr__(self) -> str:
         return f"<WorkerProcess id={self.worker_id} pid={self.pid} in_flight={len(self.in_flight)}>"
