@@ -223,6 +223,10 @@ class Dispatcher:
             idle -= len(reclaimed)
         return retry_at
 
+    def check_again(self, worker: WorkerProcess, request_id: int, at: float) -> None:
+        """Have expired() look at ``request_id`` on ``worker`` again at ``at`` (time.monotonic())."""
+        heapq.heappush(self._deadlines, (at, request_id, worker))
+
     def expired(self, now: float) -> List[Tuple[WorkerProcess, int]]:
         """Return (worker, request id) for each request that has run past the timeout."""
         expired = []

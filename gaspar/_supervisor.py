@@ -16,7 +16,7 @@ import random
 import selectors
 import signal
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import zmq
 
@@ -40,6 +40,9 @@ BOOT_RETRY_DELAY = 0.5
 # Seconds between a worker's death and failing the requests it held, for
 # replies it sent just before exiting to arrive.
 REPLY_GRACE = 0.2
+# Seconds before a timeout check tries again when the worker held its claim
+# record's lock.
+REVOKE_RETRY = 0.001
 
 FailRequest = Callable[[Connection, str, str], None]
 
@@ -103,6 +106,9 @@ class Supervisor:
         self._retry_at = 0.0
         self._boot_failures = 0
         self._early_ready: Dict[int, int] = {}
+        # Request id -> when to stop waiting for the reply of a request that
+        # passed its timeout after its worker had finished it.
+        self._late_replies: Dict[int, float] = {}
 
     # -- endpoints and the worker process ---------------------------------
 
@@ -173,6 +179,10 @@ class Supervisor:
                 dispatcher.pause_worker(old)
                 self.stop_worker(old)
                 break
+        # Requests may have queued while no worker was free; READY can also
+        # arrive before SPAWNED, and then no reply handler sends them.
+        if dispatcher.queue:
+            self._send_queued()
 
     def handle_stopping(self, worker_id: int) -> None:
         """Replace a worker that received SIGTERM, and let it finish what it holds.
@@ -223,9 +233,30 @@ class Supervisor:
 
     def expire_requests(self, now: float) -> None:
         """Kill the worker of each request that ran past the handler timeout."""
+        if self._late_replies:
+            # Entries of replies that arrived in time are no longer needed.
+            self._late_replies = {rid: at for rid, at in self._late_replies.items() if at + REPLY_GRACE > now}
         for worker, request_id in self.dispatcher.expired(now):
-            if worker.timed_out:
+            if worker.timed_out or worker.sentinel < 0:
+                # Killed already, or dead: its requests fail as "worker died".
                 continue
+            started = request_id
+            if worker.claims is not None:
+                # Revoke what is queued behind first, so the worker cannot
+                # start it between this check and the kill.
+                started_or_none = worker.claims.revoke_through(next(reversed(worker.in_flight)))
+                if started_or_none is None:
+                    # The worker is claiming a request at this moment.
+                    self.dispatcher.check_again(worker, request_id, now + REVOKE_RETRY)
+                    continue
+                started = started_or_none
+                unstarted = self.dispatcher.take_back(worker, started)
+                if started > request_id:
+                    # It finished this request and started a later one, so the
+                    # reply has left it (see WorkerLoop._wait_sent) and is on its way.
+                    self._requeue(unstarted)
+                    self._wait_for_late_reply(worker, request_id, now)
+                    continue
             worker.timed_out = True
             log.error(
                 "request %d ran past the %s s timeout on worker %d (pid %d); killing the worker",
@@ -239,7 +270,26 @@ class Supervisor:
             conn = self.dispatcher.forget(request_id)
             if conn is not None:
                 self._fail_request(conn, TIMEOUT, f"worker {worker.worker_id} (pid {worker.pid}) was killed")
-            # The requests queued behind it are resent or failed once the worker is dead.
+            if worker.claims is not None:
+                self._requeue(unstarted)
+
+    def _wait_for_late_reply(self, worker: WorkerProcess, request_id: int, now: float) -> None:
+        """Give the reply of a request its worker finished REPLY_GRACE seconds; then fail the request."""
+        give_up_at = self._late_replies.setdefault(request_id, now + REPLY_GRACE)
+        if now < give_up_at:
+            self.dispatcher.check_again(worker, request_id, give_up_at)
+            return
+        del self._late_replies[request_id]
+        conn = self.dispatcher.forget(request_id)
+        if conn is not None:
+            log.error("request %d: worker %d finished it, but its reply never arrived", request_id, worker.worker_id)
+            self._fail_request(conn, TIMEOUT, f"the reply from worker {worker.worker_id} was lost")
+
+    def _requeue(self, conns: List[Connection]) -> None:
+        """Put requests no worker started back in the queue and send what free workers can take."""
+        if conns:
+            self.dispatcher.requeue(conns)
+            self._send_queued()
 
     def after_reply(self, worker: WorkerProcess, over_memory: bool) -> None:
         """Recycle a worker that is over its memory limit or served its max_requests."""
@@ -369,6 +419,10 @@ class Supervisor:
                 resent = len(unstarted)
                 self.dispatcher.requeue(unstarted)
                 self._send_queued()
+                if self.stopping and not self.dispatcher.ready:
+                    # No worker is left to run them, and none is forked while stopping.
+                    for conn in list(self.dispatcher.queue):
+                        self._fail_request(conn, WORKER_DIED, "no worker is left while the producer stops")
         # Replies the worker sent just before it exited may still be on their
         # way through 0MQ, so the requests it started fail only after a grace period.
         self.loop.call_later(REPLY_GRACE, functools.partial(self._fail_held, worker, resent))
@@ -376,7 +430,7 @@ class Supervisor:
     def _fail_held(self, worker: WorkerProcess, resent: int) -> None:
         """Fail the requests a dead worker started once its late replies had time to arrive.
 
-        ``resent`` is how many requests it never started went to other workers.
+        ``resent`` is how many requests it never started went back to the queue.
         """
         lost = self.dispatcher.remove_worker(worker)
         for conn in lost:
@@ -387,7 +441,7 @@ class Supervisor:
                 worker.worker_id,
                 worker.pid,
                 count_text(len(lost), "request it held", "requests it held"),
-                f"; {count_text(resent, 'request')} it had not started went to other workers" if resent else "",
+                f"; {count_text(resent, 'request')} it had not started went back to the queue" if resent else "",
             )
 
     def _handle_exit(self, worker: WorkerProcess, status: int) -> None:

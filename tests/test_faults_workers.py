@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -256,7 +257,7 @@ def test_worker_death_fails_its_request(start_producer, caplog, death):
     assert len(died) == 1
     assert re.fullmatch(
         re.escape(f"{worker_name} died; 1 request it held failed with it")
-        + r"(; \d+ requests? it had not started went to other workers)?",
+        + r"(; \d+ requests? it had not started went back to the queue)?",
         died[0],
     ), died
     exited = wait_for(
@@ -929,7 +930,7 @@ def test_prefetch_dead_worker_resends_unstarted(start_producer, caplog):
     wait_settled(producer, 1)
     worker_name = f"worker {doomed_worker.worker_id} (pid {doomed_worker.pid})"
     died = log_messages(caplog, re.escape(f"{worker_name} died;"))
-    assert died == [f"{worker_name} died; 1 request it held failed with it; 3 requests it had not started went to other workers"]
+    assert died == [f"{worker_name} died; 1 request it held failed with it; 3 requests it had not started went back to the queue"]
 
 
 def test_prefetch_timeout_resends_queued(start_producer):
@@ -1003,3 +1004,76 @@ def test_prefetch_crash_keeps_previous_reply(start_producer):
         assert isinstance(healthy_outcome, bytes), (round_number, healthy_outcome)
         assert isinstance(doomed_outcome, gaspar.RequestFailed), (round_number, doomed_outcome)
         wait_settled(producer, 1)
+
+
+def test_replacement_ready_before_spawned_serves_queue(start_producer, monkeypatch, tmp_path):
+    # The fork server reports SPAWNED late once the marker exists, so the
+    # replacement's READY reaches the producer first.
+    marker = tmp_path / "delay-spawned"
+    send_fds = socket.send_fds
+
+    def late_send_fds(sock, buffers, fds, *args):
+        if marker.exists():
+            time.sleep(0.3)
+        return send_fds(sock, buffers, fds, *args)
+
+    monkeypatch.setattr(socket, "send_fds", late_send_fds)
+    producer = start_producer(handle_command, processes=1)
+    marker.write_bytes(b"")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        doomed = pool.submit(timed_request, producer.address, b"exit")
+        time.sleep(0.005)
+        healthy = pool.submit(timed_request, producer.address, b"healthy")
+        doomed_outcome, _ = doomed.result()
+        healthy_outcome, _ = healthy.result()
+
+    assert isinstance(doomed_outcome, gaspar.RequestFailed)
+    assert isinstance(healthy_outcome, bytes), healthy_outcome
+    marker.unlink()
+    wait_settled(producer, 1)
+
+
+def test_prefetch_timeout_spares_next_request(start_producer):
+    # The first request ends near its deadline. When it ends just before,
+    # the worker has started the second, which must not die with a kill
+    # meant for the first.
+    producer = start_producer(handle_command, processes=1, prefetch=4, timeout=0.2)
+
+    for round_number in range(25):
+        edge_ms = 196 + round_number % 9
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            edge = pool.submit(timed_request, producer.address, b"sleep %d edge" % edge_ms)
+            time.sleep(0.02)
+            healthy = pool.submit(timed_request, producer.address, b"sleep 10 healthy %d" % round_number)
+            edge.result()
+            healthy_outcome, _ = healthy.result()
+
+        assert isinstance(healthy_outcome, bytes), (round_number, healthy_outcome)
+        wait_settled(producer, 1)
+
+
+def test_stop_fails_unstarted_when_last_worker_dies(start_producer):
+    producer = start_producer(handle_command, processes=1, prefetch=4, graceful_timeout=20)
+    (worker,) = live_workers(producer)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        running = pool.submit(timed_request, producer.address, b"sleep 300 running")
+        wait_for(lambda: busy_workers(producer), 10, "the first request to be dispatched")
+        doomed = pool.submit(timed_request, producer.address, b"exit")
+        wait_for(lambda: len(worker.in_flight) == 2, 10, "the exit request to queue at the worker")
+        queued = [pool.submit(timed_request, producer.address, b"queued %d" % i) for i in range(2)]
+        wait_for(lambda: len(worker.in_flight) == 4, 10, "every request to queue at the worker")
+
+        started = time.monotonic()
+        producer.stop(timeout=30)
+        stop_seconds = time.monotonic() - started
+        running_outcome, _ = running.result()
+        doomed_outcome, _ = doomed.result()
+        queued_failures = failed_outcomes(queued)
+
+    assert isinstance(running_outcome, bytes)
+    assert isinstance(doomed_outcome, gaspar.RequestFailed)
+    # No worker is left to run them, so they fail at once instead of at the graceful timeout.
+    assert len(queued_failures) == 2
+    assert stop_seconds < 10
