@@ -9,18 +9,18 @@ KIB = 1024
 MIB = 1024 * 1024
 
 # "gaspar" runs with default options, which the targets judge.
-# "gaspar-prefetch1" shows what queueing requests at workers (prefetch) gains.
-SERVER_NAMES = ("gaspar", "gaspar-prefetch1", "asyncio-pool", "python-inline", "c-echo")
-GASPAR_SERVERS = ("gaspar", "gaspar-prefetch1")
+# "gaspar-prefetch4" shows what queueing requests at busy workers gains.
+SERVER_NAMES = ("gaspar", "gaspar-prefetch4", "asyncio-pool", "python-inline", "c-echo")
+GASPAR_SERVERS = ("gaspar", "gaspar-prefetch4")
 SERVER_TITLES = {
     "gaspar": "gaspar",
-    "gaspar-prefetch1": "gaspar, prefetch 1",
+    "gaspar-prefetch4": "gaspar, prefetch 4",
     "asyncio-pool": "asyncio + ProcessPoolExecutor",
     "python-inline": "Python inline (selectors, 1 thread)",
     "c-echo": "C inline echo (epoll, 1 thread)",
 }
 # Servers that can run any handler; c-echo can only echo.
-ANY_HANDLER_SERVERS = ("gaspar", "gaspar-prefetch1", "asyncio-pool", "python-inline")
+ANY_HANDLER_SERVERS = ("gaspar", "gaspar-prefetch4", "asyncio-pool", "python-inline")
 
 # Target time of one CPU-bound request, in seconds.
 CPU_BOUND_SECONDS = 0.002

@@ -1,6 +1,6 @@
 """The Python servers under test, each run as its own process by the harness.
 
-    python -m benchmarks.servers gaspar|gaspar-prefetch1|asyncio-pool|python-inline --handler echo|sha256 [--rounds N] [--workers N]
+    python -m benchmarks.servers gaspar|gaspar-prefetch4|asyncio-pool|python-inline --handler echo|sha256 [--rounds N] [--workers N]
 
 Each listens on 127.0.0.1 at an ephemeral port, prints "PORT <n>" on stdout
 once it can serve, and serves the gaspar wire protocol until SIGTERM or
@@ -319,7 +319,7 @@ def serve_python_inline(handler: Handler, workers: int) -> None:
 
 SERVERS = {
     "gaspar": serve_gaspar,
-    "gaspar-prefetch1": functools.partial(serve_gaspar, prefetch=1),
+    "gaspar-prefetch4": functools.partial(serve_gaspar, prefetch=4),
     "asyncio-pool": serve_asyncio_pool,
     "python-inline": serve_python_inline,
 }

@@ -108,7 +108,7 @@ OPTIONS: Tuple[Option, ...] = (
         "time a stopping worker gets to exit after SIGTERM before SIGKILL",
     ),
     Option(
-        "prefetch", int, 4, 1, 2**20, "N",
+        "prefetch", int, 1, 1, 2**20, "N",
         "requests one worker may hold at once, queued behind the one it runs; with 1 a "
         "request only goes to an idle worker",
     ),

@@ -20,8 +20,8 @@ COMPILER = os.environ.get("CC", "cc")
 HARNESS_TIMEOUT_SECONDS = 50
 
 LOAD_CELLS = {
-    "echo-16B-32": {"gaspar", "gaspar-prefetch1", "asyncio-pool", "python-inline", "c-echo"},
-    "cpu-2ms-1": {"gaspar", "gaspar-prefetch1", "asyncio-pool", "python-inline"},
+    "echo-16B-32": {"gaspar", "gaspar-prefetch4", "asyncio-pool", "python-inline", "c-echo"},
+    "cpu-2ms-1": {"gaspar", "gaspar-prefetch4", "asyncio-pool", "python-inline"},
 }
 LONG_RUN_REQUESTS = 2000
 
