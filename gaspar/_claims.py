@@ -1,4 +1,4 @@
-"""Which requests a worker has started, shared between the worker and the producer.
+"""Claim records: the requests a worker has started, shared between the worker and the producer.
 
 A worker may hold several requests: the one it runs and the ones queued
 behind it in its 0MQ socket. The producer can take a queued request back
@@ -86,7 +86,7 @@ class ClaimRecord:
     def revoke_through(self, request_id: int) -> Optional[int]:
         """Revoke every unclaimed request with an id at or below ``request_id``; return ``started``.
 
-        Called by the producer. The requests the worker holds with an id
+        Called by the producer. The requests queued at the worker with an id
         above the returned value, and at or below ``request_id``, will never
         run there. Returns None, revoking nothing, when the worker holds the
         lock at this moment: the producer must not wait for a worker.

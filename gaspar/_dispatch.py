@@ -162,7 +162,7 @@ class Dispatcher:
         return lost
 
     def take_back(self, worker: WorkerProcess, started: int, through: Optional[int] = None) -> List[Connection]:
-        """Remove the requests ``worker`` holds with ids above ``started`` (and up to ``through``).
+        """Remove from ``worker`` the requests with ids above ``started`` (and up to ``through``).
 
         Returns their connections, payloads kept, in the order the worker
         got them; the caller requeues them. The worker must never run them:

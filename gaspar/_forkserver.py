@@ -72,7 +72,7 @@ def start_fork_server(run_worker: Callable[[int, bool], int], kill_timeout: floa
     its exit code. The caller must reap the returned pid.
     """
     producer_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # Blocking mode, whatever socket.setdefaulttimeout() says: the producer's
+    # Blocking mode, whatever socket.setdefaulttimeout() sets: the producer's
     # MSG_DONTWAIT reads would otherwise wait out the timeout.
     producer_end.settimeout(None)
     server_end.settimeout(None)

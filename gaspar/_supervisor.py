@@ -179,7 +179,7 @@ class Supervisor:
                 dispatcher.pause_worker(old)
                 self.stop_worker(old)
                 break
-        # Requests may have queued while no worker was free; READY can also
+        # Requests may have queued while no worker was free. READY can also
         # arrive before SPAWNED, and then no reply handler sends them.
         if dispatcher.queue:
             self._send_queued()
@@ -274,7 +274,7 @@ class Supervisor:
                 self._requeue(unstarted)
 
     def _wait_for_late_reply(self, worker: WorkerProcess, request_id: int, now: float) -> None:
-        """Give the reply of a request its worker finished REPLY_GRACE seconds; then fail the request."""
+        """Wait REPLY_GRACE seconds for the reply to a request its worker finished, then fail the request."""
         give_up_at = self._late_replies.setdefault(request_id, now + REPLY_GRACE)
         if now < give_up_at:
             self.dispatcher.check_again(worker, request_id, give_up_at)

@@ -79,7 +79,8 @@ def test_claims_started_survives_process_death(tmp_path):
             # Exit without closing anything, as a crash would.
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0
 
     record = ClaimRecord.open(path)
     try:

@@ -447,7 +447,7 @@ def test_flood_connections_capped(start_producer):
     assert sampler.samples > 50
     assert sampler.maximum <= 20
     # The last idle connections may still wait out their read timeout after
-    # the healthy requests are answered.
+    # the healthy requests get their replies.
     wait_for(
         lambda: producer.stats()["failed"].get("read timeout") == 40, 10, "every idle connection to time out"
     )
