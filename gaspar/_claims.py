@@ -17,6 +17,10 @@ Claiming and revoking each take an exclusive flock() on the file, so a
 request is either claimed by the worker or revoked by the producer, never
 both. Linux releases the lock when a process dies, and the mapped values
 stay in the file, so the producer can read ``started`` after a crash.
+
+The record also keeps a copy of the worker's last reply, up to
+KEPT_REPLY_SIZE bytes. A crash can catch a reply still inside the worker's
+0MQ I/O thread; the producer then takes the reply from here instead.
 """
 
 from __future__ import annotations
@@ -25,11 +29,18 @@ import fcntl
 import mmap
 import os
 import struct
-from typing import Optional
+from typing import Optional, Tuple, Union
 
-_RECORD = struct.Struct("=QQ")
+# The largest reply the record keeps a copy of, in bytes.
+KEPT_REPLY_SIZE = 64 * 1024
+
+# started, revoked, then the kept reply's request id and length, then its bytes.
+_RECORD = struct.Struct("=QQQQ")
 _STARTED_AT = 0
 _REVOKED_AT = 8
+_KEPT_ID_AT = 16
+_KEPT_SIZE_AT = 24
+_SIZE = _RECORD.size + KEPT_REPLY_SIZE
 
 
 class ClaimRecord:
@@ -38,7 +49,7 @@ class ClaimRecord:
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
         self._fd = fd
-        self._map: Optional[mmap.mmap] = mmap.mmap(fd, _RECORD.size)
+        self._map: Optional[mmap.mmap] = mmap.mmap(fd, _SIZE)
 
     @classmethod
     def create(cls, path: str) -> "ClaimRecord":
@@ -48,7 +59,7 @@ class ClaimRecord:
         """
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, _RECORD.size)
+            os.ftruncate(fd, _SIZE)
             return cls(path, fd)
         except BaseException:
             os.close(fd)
@@ -101,6 +112,34 @@ class ClaimRecord:
             return self._read(_STARTED_AT)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def keep_reply(self, request_id: int, reply: Union[bytes, bytearray, memoryview]) -> bool:
+        """Keep a copy of the reply to ``request_id``; return False when it is too large to keep.
+
+        Called by the worker before it sends the reply. Only the producer
+        reads it, after the worker died, so no lock is needed.
+        """
+        size = len(reply)
+        if size > KEPT_REPLY_SIZE:
+            return False
+        if self._map is None:
+            raise ValueError(f"claim record {self.path} is closed")
+        # The id goes last, so a crash in between leaves no id with a half-written reply.
+        self._write(_KEPT_ID_AT, 0)
+        self._map[_RECORD.size : _RECORD.size + size] = reply
+        self._write(_KEPT_SIZE_AT, size)
+        self._write(_KEPT_ID_AT, request_id)
+        return True
+
+    def kept_reply(self) -> Tuple[int, bytes]:
+        """Return (request id, reply) of the last reply kept, or (0, b"") when none is."""
+        if self._map is None:
+            raise ValueError(f"claim record {self.path} is closed")
+        request_id = self._read(_KEPT_ID_AT)
+        if request_id == 0:
+            return 0, b""
+        size = self._read(_KEPT_SIZE_AT)
+        return request_id, bytes(self._map[_RECORD.size : _RECORD.size + size])
 
     def close(self, unlink: bool = False) -> None:
         """Close the record; with ``unlink``, remove its file too."""

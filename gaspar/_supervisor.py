@@ -16,7 +16,7 @@ import random
 import selectors
 import signal
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import zmq
 
@@ -57,7 +57,8 @@ class Supervisor:
 
     ``fail_request(conn, cause, detail)`` resets a client whose request was
     lost; ``send_queued()`` sends queued requests to free workers;
-    ``fail(error)`` stops the producer for good.
+    ``deliver_reply(request_id, body)`` writes a reply taken from a dead
+    worker's claim record; ``fail(error)`` stops the producer for good.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Supervisor:
         timeout: Optional[float],
         fail_request: FailRequest,
         send_queued: Callable[[], None],
+        deliver_reply: Callable[[int, memoryview], None],
         fail: Callable[[BaseException], None],
     ) -> None:
         self.consumer = consumer
@@ -87,6 +89,7 @@ class Supervisor:
         self.timeout = timeout
         self._fail_request = fail_request
         self._send_queued = send_queued
+        self._deliver_reply = deliver_reply
         self._fail = fail
         self.context: Optional[zmq.Context[zmq.Socket[bytes]]] = None
         # Before startup ends, a worker that fails to start fails start().
@@ -411,8 +414,10 @@ class Supervisor:
         # The worker is dead, so its claim record is final: the requests it
         # never started go to other workers now.
         resent = 0
+        kept: Tuple[int, bytes] = (0, b"")
         if worker.claims is not None:
             unstarted = self.dispatcher.take_back(worker, worker.claims.started)
+            kept = worker.claims.kept_reply()
             worker.claims.close(unlink=True)
             worker.claims = None
             if unstarted:
@@ -425,13 +430,19 @@ class Supervisor:
                         self._fail_request(conn, WORKER_DIED, "no worker is left while the producer stops")
         # Replies the worker sent just before it exited may still be on their
         # way through 0MQ, so the requests it started fail only after a grace period.
-        self.loop.call_later(REPLY_GRACE, functools.partial(self._fail_held, worker, resent))
+        self.loop.call_later(REPLY_GRACE, functools.partial(self._fail_held, worker, resent, kept))
 
-    def _fail_held(self, worker: WorkerProcess, resent: int) -> None:
+    def _fail_held(self, worker: WorkerProcess, resent: int, kept: Tuple[int, bytes]) -> None:
         """Fail the requests a dead worker started once its late replies had time to arrive.
 
-        ``resent`` is how many requests it never started went back to the queue.
+        ``resent`` is how many requests it never started went back to the
+        queue. ``kept`` is the (request id, reply) its claim record kept: a
+        reply the crash caught inside the worker is delivered from there.
         """
+        kept_id, kept_body = kept
+        if kept_id in worker.in_flight and kept_id in self.dispatcher.in_flight:
+            log.info("worker %d (pid %d): delivering the reply to request %d from its claim record", worker.worker_id, worker.pid, kept_id)
+            self._deliver_reply(kept_id, memoryview(kept_body))
         lost = self.dispatcher.remove_worker(worker)
         for conn in lost:
             self._fail_request(conn, WORKER_DIED, f"worker {worker.worker_id} (pid {worker.pid}) died")

@@ -163,7 +163,7 @@ class WorkerLoop:
                     # would lose that reply, so let it leave first.
                     self._wait_sent(replies)
                     if claims.claim(request_id):
-                        self._serve_one(replies, request_id, payload)
+                        self._serve_one(replies, request_id, payload, claims)
                     else:
                         # The producer took it back and sent it to another worker.
                         log.debug("worker %d: skipping revoked request %d", self.worker_id, request_id)
@@ -174,22 +174,29 @@ class WorkerLoop:
                 log.info("worker %d (pid %d) received SIGTERM; stopping after its requests", self.worker_id, os.getpid())
                 self._send(replies, _messages.STOPPING, self.worker_id)
 
-    def _serve_one(self, replies: zmq.Socket[bytes], request_id: int, payload: memoryview) -> None:
+    def _serve_one(
+        self, replies: zmq.Socket[bytes], request_id: int, payload: memoryview, claims: ClaimRecord
+    ) -> None:
         kind, reply = self._run_handler(request_id, payload.tobytes())
         if self.max_memory is not None and resident_memory() > self.max_memory:
             kind |= _messages.RECYCLE_FLAG
+        if kind & ~_messages.RECYCLE_FLAG == _messages.REPLY:
+            # If this process crashes before 0MQ writes the reply out, the
+            # producer takes it from the record.
+            claims.keep_reply(request_id, reply)
         self._send(replies, kind, request_id, reply)
 
     def _wait_sent(self, replies: zmq.Socket[bytes]) -> None:
         """Wait until the 0MQ I/O thread has taken the last message sent on ``replies``.
 
-        With SNDHWM 1 the socket is writable exactly when no message waits
-        in this process, and the I/O thread writes a message to the kernel
-        as soon as it takes it. From then on the message survives a crash
-        of this process.
+        With SNDHWM 1 the socket is writable exactly when the I/O thread
+        has taken the last message, and it writes a message to the kernel
+        right after it takes it, where the message survives a crash of this
+        process.
 
-        NOTE: a message larger than the socket's kernel buffer is written
-        in parts, so a crash during that write can still lose it.
+        NOTE: the I/O thread takes a message before it writes it, so a
+        crash can still catch one in between. The claim record keeps a copy
+        of replies up to KEPT_REPLY_SIZE for that case; a larger one is lost.
         """
         if not replies.poll(_SEND_WAIT_MS, zmq.POLLOUT):
             log.warning(

@@ -332,6 +332,7 @@ class Producer:
             timeout=self.timeout,
             fail_request=self._fail_request,
             send_queued=self._send_queued,
+            deliver_reply=self._deliver_kept_reply,
             fail=self._fail,
         )
         # Fork the fork server first: this process runs no thread of ours yet,
@@ -819,6 +820,16 @@ class Producer:
         if kind & ~_messages.RECYCLE_FLAG == _messages.FAILED:
             self._fail_request(conn, HANDLER_ERROR, f"request {request_id} on worker {worker.worker_id}")
             return
+        conn.reply = body
+        conn.state = WRITING
+        self._write(conn)
+
+    def _deliver_kept_reply(self, request_id: int, body: memoryview) -> None:
+        """Write a reply that a dead worker's claim record kept, as if the worker had sent it."""
+        completed = self._dispatcher.complete(request_id, time.monotonic())
+        if completed is None:
+            return
+        conn, _ = completed
         conn.reply = body
         conn.state = WRITING
         self._write(conn)

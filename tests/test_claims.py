@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from gaspar._claims import ClaimRecord
+from gaspar._claims import KEPT_REPLY_SIZE, ClaimRecord
 
 
 @pytest.fixture
@@ -106,3 +106,47 @@ def test_claims_closed_record_raises(tmp_path):
 
     with pytest.raises(ValueError, match="closed"):
         record.started
+
+
+def test_claims_kept_reply_survives_process_death(tmp_path):
+    path = str(tmp_path / "worker-5.claims")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            record = ClaimRecord.create(path)
+            record.keep_reply(7, b"first")
+            record.keep_reply(8, b"second reply")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+
+    record = ClaimRecord.open(path)
+    try:
+        assert record.kept_reply() == (8, b"second reply")
+    finally:
+        record.close(unlink=True)
+
+
+def test_claims_kept_reply_empty_at_start(records):
+    _, producer_view = records
+
+    assert producer_view.kept_reply() == (0, b"")
+
+
+def test_claims_keep_reply_rejects_too_large(records):
+    worker_view, producer_view = records
+    worker_view.keep_reply(3, b"small")
+
+    assert not worker_view.keep_reply(4, b"x" * (KEPT_REPLY_SIZE + 1))
+    assert producer_view.kept_reply() == (3, b"small")
+
+
+def test_claims_keep_reply_at_size_limit(records):
+    worker_view, producer_view = records
+    reply = bytes(range(256)) * (KEPT_REPLY_SIZE // 256)
+
+    assert worker_view.keep_reply(9, reply)
+    assert producer_view.kept_reply() == (9, reply)
