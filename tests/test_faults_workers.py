@@ -31,7 +31,7 @@ import pytest
 import gaspar
 import gaspar._worker
 import gaspar._supervisor
-from gaspar import client
+from gaspar import _messages, client
 from gaspar._rejections import HANDLER_ERROR, TIMEOUT, WORKER_DIED
 
 from conftest import descendant_pids, kill_process_tree, parent_pid, process_gone, record_process_tree, subprocess_env, wait_for
@@ -1077,3 +1077,29 @@ def test_stop_fails_unstarted_when_last_worker_dies(start_producer):
     # No worker is left to run them, so they fail at once instead of at the graceful timeout.
     assert len(queued_failures) == 2
     assert stop_seconds < 10
+
+
+def test_kept_reply_delivered_after_crash(start_producer, monkeypatch, caplog):
+    # Workers fork from this process, so they inherit the patch: a reply
+    # marked "lost" is kept in the claim record but never sent, and the
+    # worker dies at once, as a crash inside 0MQ's I/O thread window would.
+    caplog.set_level(logging.INFO, logger="gaspar")
+    send = gaspar._worker.WorkerLoop._send
+
+    def send_or_crash(self, replies, kind, value, body=b""):
+        if kind == _messages.REPLY and b":lost" in bytes(body):
+            os._exit(1)
+        send(self, replies, kind, value, body)
+
+    monkeypatch.setattr(gaspar._worker.WorkerLoop, "_send", send_or_crash)
+    producer = start_producer(handle_command, processes=1)
+    (worker,) = live_workers(producer)
+
+    outcome, _ = timed_request(producer.address, b"lost reply")
+
+    assert isinstance(outcome, bytes), outcome
+    assert outcome == b"%d:lost reply" % worker.pid
+    assert producer.stats()["failed"] == {}
+    delivered = log_messages(caplog, "from its claim record")
+    assert len(delivered) == 1
+    wait_settled(producer, 1)
