@@ -25,11 +25,6 @@ from gaspar import _messages
 from gaspar._connection import DISPATCHED, QUEUED, Connection, Payload
 from gaspar.workers import WorkerProcess
 
-# A queued request is taken back from a busy worker for an idle one once the
-# busy worker's current request has run this many seconds. With 0 it goes
-# at once, so no request waits behind another while a worker is free.
-STEAL_AFTER = 0.0
-
 
 class Dispatcher:
     """Least-loaded dispatch of requests to ready workers, with a FIFO queue.
@@ -177,9 +172,9 @@ class Dispatcher:
             conn = self.in_flight.pop(request_id, None)
             if conn is not None:
                 reclaimed.append(conn)
-        if reclaimed and worker.in_flight and self.timeout is not None:
+        if reclaimed:
             # The first request left may not have an entry yet.
-            heapq.heappush(self._deadlines, (worker.busy_since + self.timeout, next(iter(worker.in_flight)), worker))
+            self._time_first(worker, worker.busy_since)
         return reclaimed
 
     def requeue(self, conns: List[Connection]) -> None:
@@ -192,36 +187,33 @@ class Dispatcher:
             conn.worker = None
             self.queue.appendleft(conn)
 
-    def steal(self, now: float, workers: Iterable[WorkerProcess]) -> Optional[float]:
+    def steal(self, workers: Iterable[WorkerProcess]) -> bool:
         """Take queued requests back from busy ``workers`` while a ready worker is idle.
 
-        A worker gives up requests queued behind its current one once that
-        one has run STEAL_AFTER seconds. It gives up as many as there are
-        idle workers, oldest first, and they go to the head of the queue for
-        send_queued(). Returns when to call again (time.monotonic()), or None.
+        A worker gives up as many requests queued behind its current one as
+        there are idle workers, oldest first, so no request waits behind
+        another while a worker is free. They go to the head of the queue for
+        send_queued(). Returns True when a worker held its claim record's
+        lock, so the caller should try again soon.
         """
         idle = sum(1 for worker in self.ready if not worker.in_flight)
-        retry_at: Optional[float] = None
+        retry = False
         for worker in workers:
             if idle == 0:
                 break
             held_ids = list(worker.in_flight)
             if len(held_ids) < 2 or worker.claims is None:
                 continue
-            due = worker.busy_since + STEAL_AFTER
-            if due > now:
-                retry_at = due if retry_at is None else min(retry_at, due)
-                continue
             fence = held_ids[min(idle, len(held_ids) - 1)]
             started = worker.claims.revoke_through(fence)
             if started is None:
                 # The worker is claiming a request at this moment.
-                retry_at = now
+                retry = True
                 continue
             reclaimed = self.take_back(worker, started, through=fence)
             self.requeue(reclaimed)
             idle -= len(reclaimed)
-        return retry_at
+        return retry
 
     def check_again(self, worker: WorkerProcess, request_id: int, at: float) -> None:
         """Have expired() look at ``request_id`` on ``worker`` again at ``at`` (time.monotonic())."""
@@ -269,8 +261,12 @@ class Dispatcher:
         """Record that ``worker`` replied to ``request_id`` and goes on with the next one it holds."""
         worker.in_flight.pop(request_id, None)
         worker.busy_since = now
+        self._time_first(worker, now)
+
+    def _time_first(self, worker: WorkerProcess, started: float) -> None:
+        """Start the timeout of the request ``worker`` runs first, which it began at ``started``."""
         if worker.in_flight and self.timeout is not None:
-            heapq.heappush(self._deadlines, (now + self.timeout, next(iter(worker.in_flight)), worker))
+            heapq.heappush(self._deadlines, (started + self.timeout, next(iter(worker.in_flight)), worker))
 
     def _send(self, worker: WorkerProcess, conn: Connection, payload: Payload, now: float) -> None:
         # A new id for every send, also of a request taken back from another
@@ -286,9 +282,9 @@ class Dispatcher:
         conn.worker = worker
         # Kept until the reply, to send it again if it is taken back.
         conn.payload = payload
-        if not worker.in_flight:
-            worker.busy_since = now
-            if self.timeout is not None:
-                heapq.heappush(self._deadlines, (now + self.timeout, request_id, worker))
+        was_idle = not worker.in_flight
         worker.in_flight[request_id] = None
         self.in_flight[request_id] = conn
+        if was_idle:
+            worker.busy_since = now
+            self._time_first(worker, now)

@@ -244,6 +244,7 @@ class Supervisor:
                 # Killed already, or dead: its requests fail as "worker died".
                 continue
             started = request_id
+            unstarted: List[Connection] = []
             if worker.claims is not None:
                 # Revoke what is queued behind first, so the worker cannot
                 # start it between this check and the kill.
@@ -273,8 +274,7 @@ class Supervisor:
             conn = self.dispatcher.forget(request_id)
             if conn is not None:
                 self._fail_request(conn, TIMEOUT, f"worker {worker.worker_id} (pid {worker.pid}) was killed")
-            if worker.claims is not None:
-                self._requeue(unstarted)
+            self._requeue(unstarted)
 
     def _wait_for_late_reply(self, worker: WorkerProcess, request_id: int, now: float) -> None:
         """Wait REPLY_GRACE seconds for the reply to a request its worker finished, then fail the request."""
@@ -422,8 +422,7 @@ class Supervisor:
             worker.claims = None
             if unstarted:
                 resent = len(unstarted)
-                self.dispatcher.requeue(unstarted)
-                self._send_queued()
+                self._requeue(unstarted)
                 if self.stopping and not self.dispatcher.ready:
                     # No worker is left to run them, and none is forked while stopping.
                     for conn in list(self.dispatcher.queue):

@@ -461,7 +461,9 @@ class Producer:
             self._drain_replies(None, 0)
         self._steal_at = None
         if dispatcher.prefetch > 1 and not dispatcher.queue and dispatcher.in_flight:
-            self._steal_at = dispatcher.steal(time.monotonic(), self.forker.workers.values())
+            if dispatcher.steal(self.forker.workers.values()):
+                # A worker held its lock: try again on the next round, without sleeping.
+                self._steal_at = time.monotonic()
             if dispatcher.queue:
                 self._send_queued()
 

@@ -19,6 +19,21 @@ def records(tmp_path):
     producer_view.close(unlink=True)
 
 
+def run_and_crash(action) -> None:
+    """Run ``action()`` in a forked child that then exits without closing anything, as a crash would."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status)
+    assert os.WEXITSTATUS(status) == 0
+
+
 def test_claims_claim_shows_in_other_process_view(records):
     worker_view, producer_view = records
 
@@ -67,20 +82,13 @@ def test_claims_revoke_skipped_while_worker_holds_lock(records):
 
 def test_claims_started_survives_process_death(tmp_path):
     path = str(tmp_path / "worker-2.claims")
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            record = ClaimRecord.create(path)
-            record.claim(41)
-            record.claim(42)
-            code = 0
-        finally:
-            # Exit without closing anything, as a crash would.
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status)
-    assert os.WEXITSTATUS(status) == 0
+
+    def claim_two() -> None:
+        record = ClaimRecord.create(path)
+        record.claim(41)
+        record.claim(42)
+
+    run_and_crash(claim_two)
 
     record = ClaimRecord.open(path)
     try:
@@ -110,18 +118,13 @@ def test_claims_closed_record_raises(tmp_path):
 
 def test_claims_kept_reply_survives_process_death(tmp_path):
     path = str(tmp_path / "worker-5.claims")
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            record = ClaimRecord.create(path)
-            record.keep_reply(7, b"first")
-            record.keep_reply(8, b"second reply")
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
+
+    def keep_two() -> None:
+        record = ClaimRecord.create(path)
+        record.keep_reply(7, b"first")
+        record.keep_reply(8, b"second reply")
+
+    run_and_crash(keep_two)
 
     record = ClaimRecord.open(path)
     try:
