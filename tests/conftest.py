@@ -29,10 +29,20 @@ def framing(request):
 
 # -- Daemon fixtures ---------------------------------------------------------
 
+import shutil  # noqa: E402
 import signal  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import gaspar  # noqa: E402
+
+# The TMPDIR of every child process the tests start. A daemon that a test
+# kills with SIGKILL cannot remove its runtime directory, so the session does.
+SUBPROCESS_TMPDIR = tempfile.mkdtemp(prefix="gaspar-tests-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SUBPROCESS_TMPDIR, ignore_errors=True)
 
 
 def descendant_pids(root_pid: int) -> list:
@@ -117,11 +127,13 @@ def subprocess_env(**overrides) -> dict:
     """Return an environment in which a child Python imports the gaspar under test.
 
     The tests may run against an installed package or an in-place build; the
-    child gets the same one through PYTHONPATH.
+    child gets the same one through PYTHONPATH. Its temporary files go to
+    SUBPROCESS_TMPDIR.
     """
     package_parent = os.path.dirname(os.path.dirname(gaspar.__file__))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env["TMPDIR"] = SUBPROCESS_TMPDIR
     env.update(overrides)
     return env
 
